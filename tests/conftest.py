@@ -1,0 +1,104 @@
+"""Shared fixtures: real backends only (a local folder, moto's S3 HTTP server)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from services.object_store import LocalFolderStore, S3Store
+from tests.s3_server import start_s3_server
+
+S3_ACCESS_KEY = "testing"
+S3_SECRET_KEY = "testing"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """Host:port of a moto S3 server shared by the whole session."""
+    try:
+        endpoint, stop = start_s3_server()
+    except RuntimeError as exc:
+        # CI must exercise S3; a developer box without moto may just skip those tests.
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"S3 test server unavailable: {exc}")
+        pytest.skip(f"S3 test server unavailable: {exc}")
+    yield endpoint
+    stop()
+
+
+@pytest.fixture
+def s3_store(s3_endpoint: str) -> S3Store:
+    """A fresh S3Store on its own bucket, so tests never see each other's objects."""
+    return S3Store(s3_endpoint, f"test-{uuid.uuid4().hex}", S3_ACCESS_KEY, S3_SECRET_KEY)
+
+
+@pytest.fixture
+def local_store(tmp_path) -> LocalFolderStore:
+    return LocalFolderStore(tmp_path / "objects")
+
+
+# --- services: settings for the two deployments -------------------------------------------
+POSTGRES_ADMIN_URL = os.environ.get(
+    "FEDVEC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def unavailable(what: str, exc: BaseException) -> None:
+    """Under CI a missing service fails the run; elsewhere the test is skipped."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} unavailable: {exc}")
+    pytest.skip(f"{what} unavailable: {exc}")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database per test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"fedvec_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any connection problem
+        unavailable("PostgreSQL at " + POSTGRES_ADMIN_URL, exc)
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    yield url
+    from services.db import get_engine
+
+    get_engine(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def embedded_settings(tmp_path):
+    """Embedded default: SQLite file, local object-store folder, filesystem broker."""
+    from services.db import upgrade
+    from services.settings import load_settings
+
+    settings = load_settings(environ={}, dotenv=tmp_path / "no.env").replace(home=str(tmp_path))
+    upgrade(settings.resolved_database_url)
+    return settings
+
+
+@pytest.fixture
+def distributed_settings(tmp_path, postgres_url, s3_endpoint):
+    """PostgreSQL + S3 server (the broker stays local: these tests do not send tasks)."""
+    from services.db import upgrade
+    from services.settings import load_settings
+
+    settings = load_settings(environ={}, dotenv=tmp_path / "no.env").replace(
+        home=str(tmp_path),
+        database_url=postgres_url,
+        object_store_url=f"s3://fedvec-{uuid.uuid4().hex[:12]}",
+        s3_endpoint=s3_endpoint,
+        s3_access_key=S3_ACCESS_KEY,
+        s3_secret_key=S3_SECRET_KEY,
+    )
+    upgrade(settings.resolved_database_url)
+    return settings

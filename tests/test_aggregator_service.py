@@ -1,0 +1,252 @@
+"""The aggregator service against a real database and object store (SQLite + local folder,
+and PostgreSQL + S3 server), fed updates the way a worker writes them: objects, then the
+row, then the event."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from aggregator.service import Aggregator
+from schema.events import UpdateFailed, UpdateStored
+from schema.models import (
+    Client,
+    GroupMember,
+    PersonalizedAdapter,
+    ProcessedEvent,
+    Round,
+    SimilarityEdge,
+    Update,
+)
+from services import adapter_store as ads
+from services.context import object_store
+from services.db import session_scope
+
+KEYS = {
+    "base_model.model.enc.layer.0.query.lora_A.weight": (4, 16),
+    "base_model.model.enc.layer.0.query.lora_B.weight": (16, 4),
+    "base_model.model.enc.layer.1.query.lora_A.weight": (4, 16),
+    "base_model.model.enc.layer.1.query.lora_B.weight": (16, 4),
+    "base_model.model.classifier.weight": (1, 16),
+    "base_model.model.classifier.bias": (1,),
+}
+
+
+def initial() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=g) for k, shape in KEYS.items()}
+
+
+def direction(seed: int, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: scale * torch.randn(shape, generator=g) for k, shape in KEYS.items()}
+
+
+def mix(a: dict, b: dict, wa: float, wb: float) -> dict:
+    return {k: wa * a[k] + wb * b[k] for k in a}
+
+
+class Harness:
+    """Writes clients and updates the way the worker does."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self.db = settings.resolved_database_url
+        self.store = object_store(settings)
+        ads.put_state(self.store, ads.INITIAL_ADAPTER_KEY, initial())
+        self.agg = Aggregator(settings)
+
+    def client(self, name: str) -> int:
+        with session_scope(self.db) as s:
+            c = Client(name=name, task="t", data_path="/nowhere", num_examples=10)
+            s.add(c)
+            s.flush()
+            return c.id
+
+    def round(self, participants: list[int]) -> int:
+        with session_scope(self.db) as s:
+            r = Round(participants=participants, strategy=self.settings.strategy)
+            s.add(r)
+            s.flush()
+            return r.id
+
+    def current(self, client_id: int) -> tuple[int, dict[str, torch.Tensor]]:
+        with session_scope(self.db) as s:
+            row = s.scalars(
+                select(PersonalizedAdapter)
+                .where(PersonalizedAdapter.client_id == client_id)
+                .order_by(PersonalizedAdapter.version.desc())
+            ).first()
+        if row is None:
+            return 0, initial()
+        return row.version, ads.get_state(self.store, row.key, max_bytes=2**30)
+
+    def update(self, client_id: int, tau: dict, round_id: int | None) -> UpdateStored:
+        version, base = self.current(client_id)
+        uid = str(uuid.uuid4())
+        akey, tkey = ads.update_keys(client_id, uid)
+        trained = {k: base[k] + tau[k] for k in base}
+        a_sha = ads.put_state(self.store, akey, trained)
+        t_sha = ads.put_state(self.store, tkey, tau)
+        with session_scope(self.db) as s:
+            s.add(
+                Update(
+                    uid=uid, client_id=client_id, round_id=round_id, base_version=version,
+                    status="stored", adapter_key=akey, adapter_sha256=a_sha,
+                    task_vector_key=tkey, task_vector_sha256=t_sha, num_examples=10,
+                )
+            )
+        return UpdateStored(update_uid=uid, client_id=client_id, round_id=round_id)
+
+    def status(self, uid: str) -> str:
+        with session_scope(self.db) as s:
+            return s.scalars(select(Update.status).where(Update.uid == uid)).one()
+
+    def count(self, model) -> int:
+        with session_scope(self.db) as s:
+            return s.scalar(select(func.count()).select_from(model))
+
+
+@pytest.fixture(params=["sqlite+local", "postgres+s3"])
+def harness(request, embedded_settings):
+    if request.param == "sqlite+local":
+        settings = embedded_settings
+    else:
+        settings = request.getfixturevalue("distributed_settings")
+    return Harness(settings.replace(strategy="fedbip", group_threshold=0.2))
+
+
+def test_synchronous_round_personalizes_within_groups(harness):
+    task_a, task_b = direction(1), direction(2)
+    ids = [harness.client(n) for n in ("a1", "a2", "b1", "b2")]
+    rid = harness.round(ids)
+    taus = [
+        mix(task_a, direction(11), 1, 0.3),
+        mix(task_a, direction(12), 1, 0.3),
+        mix(task_b, direction(13), 1, 0.3),
+        mix(task_b, direction(14), 1, 0.3),
+    ]
+    events, outcomes = [], []
+    for c, t in zip(ids, taus, strict=True):
+        events.append(harness.update(c, t, rid))
+        outcomes.append(harness.agg.handle(events[-1].to_dict()))
+    assert outcomes == ["accepted", "accepted", "accepted", "round-aggregated"]
+    assert all(harness.status(e.update_uid) == "aggregated" for e in events)
+    # 4 clients, both directions
+    assert harness.count(SimilarityEdge) == 12
+    assert harness.count(PersonalizedAdapter) == 4
+    with session_scope(harness.db) as s:
+        groups = dict(s.execute(select(GroupMember.client_id, GroupMember.group_index)).tuples().all())
+        rnd = s.get(Round, rid)
+        assert rnd.status == "aggregated"
+    assert groups[ids[0]] == groups[ids[1]] != groups[ids[2]] == groups[ids[3]]
+    # a1's new θ̄ = θ̄ + p·τ over its group only: b1/b2 contribute nothing
+    version, theta = harness.current(ids[0])
+    assert version == 1
+    delta = {k: theta[k] - initial()[k] for k in theta}
+    flat = torch.cat([delta[k].flatten() for k in sorted(delta)])
+    tb = torch.cat([task_b[k].flatten() for k in sorted(task_b)])
+    ta = torch.cat([task_a[k].flatten() for k in sorted(task_a)])
+    assert torch.nn.functional.cosine_similarity(flat, ta, dim=0) > 0.9
+    assert abs(torch.nn.functional.cosine_similarity(flat, tb, dim=0)) < 0.3
+    # objects are where the rows say, with the recorded checksum
+    with session_scope(harness.db) as s:
+        for row in s.scalars(select(PersonalizedAdapter)):
+            assert ads.sha256(harness.store.get(row.key)) == row.sha256
+
+
+def test_nan_task_vector_is_rejected_and_previous_adapter_stays(harness):
+    ids = [harness.client(n) for n in ("x", "y")]
+    rid = harness.round(ids)
+    for c in ids:
+        harness.agg.handle(harness.update(c, direction(c), rid).to_dict())
+    v_before, theta_before = harness.current(ids[0])
+    assert v_before == 1
+
+    bad = direction(5)
+    bad["base_model.model.classifier.bias"] = torch.tensor([math.nan])
+    rid2 = harness.round(ids)
+    e_bad = harness.update(ids[0], bad, rid2)
+    assert harness.agg.handle(e_bad.to_dict()) == "rejected"
+    e_ok = harness.update(ids[1], direction(6), rid2)
+    assert harness.agg.handle(e_ok.to_dict()) == "round-aggregated"
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == e_bad.update_uid)).one()
+        assert row.status == "rejected" and "NaN" in row.reason
+    v_after, theta_after = harness.current(ids[0])
+    assert v_after == v_before
+    assert all(torch.equal(theta_before[k], theta_after[k]) for k in theta_before)
+    assert harness.current(ids[1])[0] == 2  # the honest client moved on
+
+
+def test_wrong_shape_and_corrupt_file_are_rejected(harness):
+    (c,) = [harness.client("solo")]
+    wrong = direction(1)
+    wrong["base_model.model.classifier.weight"] = torch.zeros(2, 16)
+    e1 = harness.update(c, wrong, None)
+    assert harness.agg.handle(e1.to_dict()) == "rejected"
+    e2 = harness.update(c, direction(2), None)
+    with session_scope(harness.db) as s:
+        key = s.scalars(select(Update.task_vector_key).where(Update.uid == e2.update_uid)).one()
+    harness.store.put(key, b"not safetensors")
+    assert harness.agg.handle(e2.to_dict()) == "rejected"
+    with session_scope(harness.db) as s:
+        reasons = list(s.scalars(select(Update.reason).where(Update.client_id == c)))
+    assert any("shape" in r for r in reasons) and any("sha256" in r for r in reasons)
+    assert harness.count(PersonalizedAdapter) == 0
+
+
+def test_duplicate_unknown_and_malformed_events_change_nothing(harness):
+    c = harness.client("dup")
+    e = harness.update(c, direction(3), None)
+    assert harness.agg.handle(e.to_dict()) == "aggregated"
+    assert harness.agg.handle(e.to_dict()) == "duplicate"
+    # the same update under a new event id: already aggregated, still one adapter
+    again = UpdateStored(update_uid=e.update_uid, client_id=c, round_id=None)
+    assert harness.agg.handle(again.to_dict()) == "already-aggregated"
+    assert harness.count(PersonalizedAdapter) == 1
+    ghost = UpdateStored(update_uid=str(uuid.uuid4()), client_id=c, round_id=None)
+    assert harness.agg.handle(ghost.to_dict()) == "unknown-update"
+    assert harness.agg.handle({"kind": "update.stored", "client_id": "x"}) == "invalid"
+    assert harness.agg.handle("garbage") == "invalid"
+    assert harness.count(PersonalizedAdapter) == 1
+    assert harness.count(ProcessedEvent) == 3
+
+
+def test_failed_update_completes_the_round(harness):
+    ids = [harness.client(n) for n in ("ok", "broken")]
+    rid = harness.round(ids)
+    e_ok = harness.update(ids[0], direction(1), rid)
+    assert harness.agg.handle(e_ok.to_dict()) == "accepted"
+    uid = str(uuid.uuid4())
+    with session_scope(harness.db) as s:
+        s.add(Update(uid=uid, client_id=ids[1], round_id=rid, base_version=-1, status="failed",
+                     reason="worker gave up"))
+    failed = UpdateFailed(update_uid=uid, client_id=ids[1], round_id=rid)
+    assert harness.agg.handle(failed.to_dict()) == "round-aggregated"
+    assert harness.current(ids[0])[0] == 1
+    assert harness.current(ids[1])[0] == 0
+
+
+def test_asynchronous_updates_apply_each_peer_vector_once(harness):
+    a, b = harness.client("a"), harness.client("b")
+    tau_a, tau_b = direction(1), mix(direction(1), direction(2), 1, 0.2)
+    assert harness.agg.handle(harness.update(a, tau_a, None).to_dict()) == "aggregated"
+    assert harness.agg.handle(harness.update(b, tau_b, None).to_dict()) == "aggregated"
+    with session_scope(harness.db) as s:
+        srcs = {r.client_id: r.sources for r in s.scalars(select(PersonalizedAdapter))}
+    assert len(srcs[a]["updates"]) == 1  # nothing else existed yet
+    assert len(srcs[b]["updates"]) == 2  # b got a's vector too
+    # a trains again: b's vector is new to a, a's own old one is not re-applied
+    tau_a2 = direction(7)
+    assert harness.agg.handle(harness.update(a, tau_a2, None).to_dict()) == "aggregated"
+    with session_scope(harness.db) as s:
+        latest = s.scalars(
+            select(PersonalizedAdapter).where(PersonalizedAdapter.client_id == a)
+            .order_by(PersonalizedAdapter.version.desc())
+        ).first()
+    assert latest.version == 2 and len(latest.sources["updates"]) == 2

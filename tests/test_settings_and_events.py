@@ -1,0 +1,74 @@
+"""Settings parsing and the typed queue messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from schema.events import (
+    InvalidMessage,
+    TrainRequest,
+    UpdateFailed,
+    UpdateStored,
+    parse_event,
+)
+from services.settings import ENV_NAMES, load_settings, read_dotenv
+
+
+def test_embedded_defaults(tmp_path):
+    s = load_settings(environ={"FEDVEC_HOME": str(tmp_path)}, dotenv=tmp_path / "none")
+    assert s.resolved_database_url == f"sqlite:///{tmp_path / 'fedvec.db'}"
+    assert s.resolved_object_store_url == str(tmp_path / "objects")
+    assert s.resolved_broker_url == "filesystem://"
+    assert s.model_path and s.target_modules == ["query", "value"]
+
+
+def test_environment_beats_dotenv_and_types_convert(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "# deployment\nFEDVEC_LORA_R=4\nexport FEDVEC_S3_SECURE=true\n"
+        "FEDVEC_STRATEGY='fedavg'\nFEDVEC_GROUP_THRESHOLD=0.3\n"
+    )
+    s = load_settings(environ={"FEDVEC_LORA_R": "16"}, dotenv=env_file)
+    assert s.lora_r == 16 and s.s3_secure is True
+    assert s.strategy == "fedavg" and s.group_threshold == 0.3
+    assert read_dotenv(env_file)["FEDVEC_STRATEGY"] == "fedavg"
+
+
+def test_bad_value_names_the_variable(tmp_path):
+    with pytest.raises(ValueError, match="FEDVEC_LORA_R"):
+        load_settings(environ={"FEDVEC_LORA_R": "eight"}, dotenv=tmp_path / "none")
+
+
+def test_secrets_are_masked():
+    s = load_settings(environ={"FEDVEC_S3_SECRET_KEY": "hunter2"})
+    assert "hunter2" not in str(s.public_dict())
+    assert "FEDVEC_S3_SECRET_KEY" in ENV_NAMES
+
+
+def test_events_round_trip():
+    e = UpdateStored(update_uid="u1", client_id=3, round_id=None)
+    assert parse_event(e.to_dict()) == e
+    f = UpdateFailed(update_uid="u2", client_id=4, round_id=7)
+    assert parse_event(f.to_dict()) == f
+    t = TrainRequest(client_id=1, round_id=2)
+    assert TrainRequest.from_dict(t.to_dict()) == t
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("text", "unknown event kind"),
+        ({"kind": "update.exploded"}, "unknown event kind"),
+        ({"kind": "update.stored", "client_id": 1, "round_id": None, "event_id": "e"},
+         "missing field 'update_uid'"),
+        ({"kind": "update.stored", "update_uid": "u", "client_id": "1", "round_id": None,
+          "event_id": "e"}, "'client_id' has type str"),
+        ({"kind": "update.stored", "update_uid": "u", "client_id": True, "round_id": None,
+          "event_id": "e"}, "'client_id' has type bool"),
+        ({"kind": "update.stored", "update_uid": "u", "client_id": 1, "round_id": None,
+          "event_id": "e", "extra": 1}, "unknown fields"),
+    ],
+)
+def test_malformed_events_are_refused(data, message):
+    with pytest.raises(InvalidMessage, match=message):
+        parse_event(data)

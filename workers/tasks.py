@@ -1,0 +1,223 @@
+"""The worker tasks: fine-tune a client (θ̄_i -> θ_i, τ_i = θ_i − θ̄_i) and evaluate a
+client's personalized adapter.
+
+Order of writes, so nothing is ever half-written: objects first (under the update's own
+uid), then the database row in one transaction, then the `update.stored` event. A crash
+before the commit leaves only unreferenced objects under a fresh uid; a redelivered
+request with the same id finds its row and does nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from aggregator.task_vectors import StateDict, task_vector
+from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, UpdateStored
+from schema.models import Client, Evaluation, PersonalizedAdapter, Update
+from services import adapter_store as ads
+from services.client_data import load_examples
+from services.context import object_store
+from services.db import session_scope
+from services.object_store import ObjectStore
+from services.settings import Settings
+from workers.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app
+from workers.model import ModelRuntime, get_runtime, lora_config
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Message], None]
+
+
+@dataclass(frozen=True)
+class CurrentAdapter:
+    version: int
+    key: str
+    sha256: str | None
+
+
+def current_adapter(db_url: str, client_id: int) -> CurrentAdapter:
+    """The client's personalized adapter θ̄_i: its latest version, or the shared initial one."""
+    with session_scope(db_url) as s:
+        row = s.scalars(
+            select(PersonalizedAdapter)
+            .where(PersonalizedAdapter.client_id == client_id)
+            .order_by(PersonalizedAdapter.version.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return CurrentAdapter(0, ads.INITIAL_ADAPTER_KEY, None)
+        return CurrentAdapter(row.version, row.key, row.sha256)
+
+
+def ensure_initial_adapter(store: ObjectStore, runtime: ModelRuntime, settings: Settings) -> None:
+    """Write the shared starting adapter and its peft config once. Every worker computes
+    the same bytes (seeded, on the CPU), so two workers racing here is harmless."""
+    if store.exists(ads.INITIAL_ADAPTER_KEY) and store.exists(ads.ADAPTER_CONFIG_KEY):
+        return
+    config = lora_config(settings).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    store.put(ads.ADAPTER_CONFIG_KEY, json.dumps(config, indent=2, default=list).encode())
+    ads.put_state(store, ads.INITIAL_ADAPTER_KEY, runtime.initial_adapter())
+
+
+def load_current(
+    store: ObjectStore, settings: Settings, current: CurrentAdapter
+) -> StateDict:
+    return ads.get_state(
+        store, current.key, max_bytes=settings.max_adapter_bytes, expected_sha256=current.sha256
+    )
+
+
+def run_training(settings: Settings, req: TrainRequest, publish: Publish) -> dict[str, Any]:
+    db_url = settings.resolved_database_url
+    uid = req.request_id
+    with session_scope(db_url) as s:
+        client = s.get(Client, req.client_id)
+        if client is None:
+            raise LookupError(f"unknown client id {req.client_id} (request {uid})")
+        existing = s.scalars(select(Update).where(Update.uid == uid)).first()
+        if existing is not None:  # redelivered: the work is done
+            log.info("client=%s update=%s already %s", client.name, uid, existing.status)
+            return {"update_uid": uid, "status": existing.status, "duplicate": True}
+        name, data_path = client.name, client.data_path
+
+    store = object_store(settings)
+    current = current_adapter(db_url, req.client_id)
+    adapter_key, tv_key = ads.update_keys(req.client_id, uid)
+    try:
+        runtime = get_runtime(settings)
+        ensure_initial_adapter(store, runtime, settings)
+        examples = load_examples(data_path)
+        start = load_current(store, settings, current)
+        seed = settings.seed * 1_000_003 + req.client_id * 1009 + current.version
+        every = max(1, runtime.planned_steps(len(examples)) // 4)
+
+        def progress(step: int, total: int, loss: float) -> None:
+            if step % every == 0 or step == total:
+                log.info(
+                    "client=%s update=%s step %d/%d loss %.4f", name, uid, step, total, loss
+                )
+
+        log.info(
+            "client=%s update=%s training from version %d on %d examples",
+            name, uid, current.version, len(examples),
+        )
+        result = runtime.train(start, examples, seed=seed, progress=progress)
+        tau = task_vector(result.adapter, start)
+        norm = float(sum(float((v.double() ** 2).sum()) for v in tau.values()) ** 0.5)
+        meta = {"client_id": str(req.client_id), "update_uid": uid}
+        adapter_sha = ads.put_state(store, adapter_key, result.adapter, **meta)
+        tv_sha = ads.put_state(store, tv_key, tau, **meta)
+        row = Update(
+            uid=uid,
+            client_id=req.client_id,
+            round_id=req.round_id,
+            base_version=current.version,
+            status="stored",
+            adapter_key=adapter_key,
+            adapter_sha256=adapter_sha,
+            task_vector_key=tv_key,
+            task_vector_sha256=tv_sha,
+            task_vector_norm=norm,
+            num_examples=len(examples),
+            steps=result.steps,
+            train_loss=result.loss,
+            duration_s=result.duration_s,
+            worker=socket.gethostname(),
+        )
+        with session_scope(db_url) as s:
+            s.add(row)
+    except IntegrityError:
+        # another delivery of this request committed first
+        log.info("client=%s update=%s committed by another delivery", name, uid)
+        return {"update_uid": uid, "status": "stored", "duplicate": True}
+    except Exception as exc:
+        log.exception("client=%s update=%s failed: %s", name, uid, exc)
+        for key in (adapter_key, tv_key):
+            store.delete(key)
+        record_failure(settings, req, str(exc), publish)
+        raise
+    log.info(
+        "client=%s update=%s stored: %d steps in %.1fs, loss %.4f, |tau| %.4f",
+        name, uid, result.steps, result.duration_s, result.loss, norm,
+    )
+    publish(UpdateStored(update_uid=uid, client_id=req.client_id, round_id=req.round_id))
+    return {"update_uid": uid, "status": "stored", "steps": result.steps, "loss": result.loss}
+
+
+def record_failure(settings: Settings, req: TrainRequest, reason: str, publish: Publish) -> None:
+    """A failed update row, so `fedvec status` shows it and a round does not wait forever."""
+    try:
+        with session_scope(settings.resolved_database_url) as s:
+            s.add(
+                Update(
+                    uid=req.request_id,
+                    client_id=req.client_id,
+                    round_id=req.round_id,
+                    base_version=-1,
+                    status="failed",
+                    reason=reason[:2000],
+                    worker=socket.gethostname(),
+                )
+            )
+    except IntegrityError:
+        return  # a row for this request exists already
+    publish(UpdateFailed(update_uid=req.request_id, client_id=req.client_id, round_id=req.round_id))
+
+
+def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
+    db_url = settings.resolved_database_url
+    with session_scope(db_url) as s:
+        client = s.get(Client, req.client_id)
+        if client is None:
+            raise LookupError(f"unknown client id {req.client_id}")
+        if not client.test_path:
+            raise ValueError(f"client {client.name} was enrolled without a test split (--test)")
+        name, test_path = client.name, client.test_path
+    examples = load_examples(test_path)
+    if req.max_examples > 0:
+        examples = examples[: req.max_examples]
+    store = object_store(settings)
+    runtime = get_runtime(settings)
+    ensure_initial_adapter(store, runtime, settings)
+    current = current_adapter(db_url, req.client_id)
+    runtime.load_adapter(load_current(store, settings, current))
+    accuracy, loss = runtime.evaluate(examples)
+    with session_scope(db_url) as s:
+        s.add(
+            Evaluation(
+                uid=req.request_id,
+                client_id=req.client_id,
+                adapter_version=current.version,
+                accuracy=accuracy,
+                loss=loss,
+                num_examples=len(examples),
+            )
+        )
+    log.info(
+        "client=%s evaluated version %d: accuracy %.3f on %d examples",
+        name, current.version, accuracy, len(examples),
+    )
+    return {"client_id": req.client_id, "version": current.version, "accuracy": accuracy}
+
+
+def publish_event(message: Message) -> None:
+    app.send_task(AGGREGATE_TASK, args=[message.to_dict()])
+
+
+@app.task(name=TRAIN_TASK)
+def train(message: dict[str, Any]) -> dict[str, Any]:
+    return run_training(app.fedvec_settings, TrainRequest.from_dict(message), publish_event)
+
+
+@app.task(name=EVALUATE_TASK)
+def evaluate(message: dict[str, Any]) -> dict[str, Any]:
+    return run_evaluation(app.fedvec_settings, EvaluateRequest.from_dict(message))
