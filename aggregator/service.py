@@ -36,8 +36,8 @@ from aggregator.task_vectors import (
 )
 from schema.events import InvalidMessage, UpdateFailed, UpdateStored, parse_event
 from schema.models import (
-    GroupMember,
     Grouping,
+    GroupMember,
     PersonalizedAdapter,
     ProcessedEvent,
     Round,

@@ -69,6 +69,9 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
         level=(log_level or settings.log_level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # one line per command is enough from these libraries
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
     ctx.obj = {"settings": settings}
 
 
@@ -86,6 +89,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     from services.db import current_revision, redact_url, upgrade
 
     url = _settings(ctx).resolved_database_url
+    logging.getLogger("alembic").setLevel(logging.INFO)
     upgrade(url, revision)
     click.echo(f"database {redact_url(url)} at revision {current_revision(url)}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,12 @@ from schema.events import EvaluateRequest, TrainRequest
 from schema.models import (
     Client,
     Evaluation,
-    GroupMember,
     Grouping,
+    GroupMember,
     PersonalizedAdapter,
     Round,
     Update,
 )
-from services import adapter_store as ads
 from services.client_data import ClientDataError, load_examples
 from services.context import object_store
 from services.db import session_scope
@@ -194,7 +194,7 @@ def round_summary(settings: Settings, round_id: int) -> dict[str, Any]:
         updates = s.scalars(select(Update).where(Update.round_id == round_id)).all()
         return {
             "round": round_id,
-            "updates": {u.status: sum(1 for x in updates if x.status == u.status) for u in updates},
+            "updates": dict(Counter(u.status for u in updates)),
             "failed": [
                 {"client_id": u.client_id, "update": u.uid, "reason": u.reason}
                 for u in updates
@@ -323,6 +323,8 @@ def status(settings: Settings, queue_depths: dict[str, int | None] | None = None
 def export_adapter(
     settings: Settings, client: Client, out_dir: Path, version: int | None = None
 ) -> dict[str, Any]:
+    from services import adapter_store as ads  # imports torch: only here
+
     store = object_store(settings)
     limit = settings.max_adapter_bytes
     with session_scope(settings.resolved_database_url) as s:

@@ -23,6 +23,7 @@ from aggregator.task_vectors import StateDict, task_vector
 from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, UpdateStored
 from schema.models import Client, Evaluation, PersonalizedAdapter, Update
 from services import adapter_store as ads
+from services import metrics
 from services.client_data import load_examples
 from services.context import object_store
 from services.db import session_scope
@@ -111,6 +112,7 @@ def run_training(settings: Settings, req: TrainRequest, publish: Publish) -> dic
             name, uid, current.version, len(examples),
         )
         result = runtime.train(start, examples, seed=seed, progress=progress)
+        metrics.FINETUNE_SECONDS.observe(result.duration_s)
         tau = task_vector(result.adapter, start)
         norm = float(sum(float((v.double() ** 2).sum()) for v in tau.values()) ** 0.5)
         meta = {"client_id": str(req.client_id), "update_uid": uid}
