@@ -107,7 +107,11 @@ class Aggregator:
         metrics.EVENTS.labels(outcome=outcome).inc()
         log.info(
             "event=%s %s client=%s update=%s -> %s (%.3fs)",
-            event.event_id, event.kind, event.client_id, event.update_uid, outcome,
+            event.event_id,
+            event.kind,
+            event.client_id,
+            event.update_uid,
+            outcome,
             time.perf_counter() - t0,
         )
         return outcome
@@ -162,11 +166,15 @@ class Aggregator:
         limit = self.settings.max_adapter_bytes
         try:
             tau = ads.get_state(
-                self.store, update.task_vector_key, max_bytes=limit,
+                self.store,
+                update.task_vector_key,
+                max_bytes=limit,
                 expected_sha256=update.task_vector_sha256,
             )
             theta = ads.get_state(
-                self.store, update.adapter_key, max_bytes=limit,
+                self.store,
+                update.adapter_key,
+                max_bytes=limit,
                 expected_sha256=update.adapter_sha256,
             )
         except ads.InvalidAdapter as exc:
@@ -227,7 +235,9 @@ class Aggregator:
             .where(Update.status.in_(ACCEPTED))
             .group_by(Update.client_id)
         )
-        return list(s.scalars(select(Update).where(Update.id.in_(newest)).order_by(Update.client_id)))
+        return list(
+            s.scalars(select(Update).where(Update.id.in_(newest)).order_by(Update.client_id))
+        )
 
     def _contributions(self) -> tuple[list[Loaded], dict[int, tuple[int, int]]]:
         """The latest accepted update of every client, loaded; plus, per client, its current
@@ -280,9 +290,7 @@ class Aggregator:
                 continue
             version, seen = current.get(client_id, (0, 0))
             mine = index[client_id]
-            chosen = [mine] + [
-                i for i, x in enumerate(loaded) if i != mine and x.update.id > seen
-            ]
+            chosen = [mine] + [i for i, x in enumerate(loaded) if i != mine and x.update.id > seen]
             sub_plan = Plan(
                 similarity=plan.similarity[chosen][:, chosen],
                 groups=[plan.groups[i] for i in chosen],
@@ -318,7 +326,11 @@ class Aggregator:
         metrics.AGGREGATION_SECONDS.observe(elapsed)
         log.info(
             "aggregated round=%s: %d personalized adapters for clients %s, %d groups (%.2fs)",
-            round_id, len(published), [c for c, _ in published], len(set(plan.groups)), elapsed,
+            round_id,
+            len(published),
+            [c for c, _ in published],
+            len(set(plan.groups)),
+            elapsed,
         )
 
     def _base(self, client_id: int, version: int) -> StateDict:
@@ -366,7 +378,9 @@ class Aggregator:
                             peer_id=cb,
                             cosine=float(tv[a, b]),
                             raw_cosine=float(raw[a, b]),
-                            layer_cosines={k: round(float(m[a, b]), 6) for k, m in per_layer.items()},
+                            layer_cosines={
+                                k: round(float(m[a, b]), 6) for k, m in per_layer.items()
+                            },
                             update_id=loaded[a].update.id,
                             peer_update_id=loaded[b].update.id,
                             updated_at=now,

@@ -50,7 +50,9 @@ class Message:
             allowed = _TYPES[str(f.type)]
             # bool is an int subclass; never a valid id or count here
             if isinstance(value, bool) or not isinstance(value, allowed):
-                raise InvalidMessage(f"{cls.kind}: field {f.name!r} has type {type(value).__name__}")
+                raise InvalidMessage(
+                    f"{cls.kind}: field {f.name!r} has type {type(value).__name__}"
+                )
             values[f.name] = value
         return cls(**values)
 

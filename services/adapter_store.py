@@ -44,7 +44,9 @@ def sha256(data: bytes) -> str:
 
 
 def encode(state: StateDict, metadata: dict[str, str] | None = None) -> bytes:
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(state.items())}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(state.items())
+    }
     return st_save(tensors, metadata=metadata)
 
 

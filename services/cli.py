@@ -107,14 +107,19 @@ def db_current(ctx: click.Context) -> None:
 # --- clients ---------------------------------------------------------------------------
 @cli.command()
 @click.argument("name")
-@click.option("--data", "data", required=True, type=click.Path(), help="training data (.jsonl/.json)")
+@click.option(
+    "--data", "data", required=True, type=click.Path(), help="training data (.jsonl/.json)"
+)
 @click.option("--test", "test", type=click.Path(), help="test split, for `fedvec evaluate`")
 @click.option("--task", default="", help="task label shown in tables (default: data folder name)")
-@click.option("--site", default="default", show_default=True, help="site whose workers hold the data")
+@click.option(
+    "--site", default="default", show_default=True, help="site whose workers hold the data"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the client as JSON")
 @click.pass_context
-def enroll(ctx: click.Context, name: str, data: str, test: str | None, task: str, site: str,
-           as_json: bool) -> None:
+def enroll(
+    ctx: click.Context, name: str, data: str, test: str | None, task: str, site: str, as_json: bool
+) -> None:
     """Enroll client NAME with its training data file.
 
     Records: {"prompt": ..., "options": [...], "answer": ...} (JSON lines or a JSON list),
@@ -142,8 +147,17 @@ def clients(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(
         _table(
-            [[r["id"], r["name"], r["task"], r["site"], r["num_examples"], r["num_test_examples"]]
-             for r in rows],
+            [
+                [
+                    r["id"],
+                    r["name"],
+                    r["task"],
+                    r["site"],
+                    r["num_examples"],
+                    r["num_test_examples"],
+                ]
+                for r in rows
+            ],
             ["id", "name", "task", "site", "train", "test"],
         )
     )
@@ -154,15 +168,31 @@ def clients(ctx: click.Context, as_json: bool) -> None:
 @click.argument("clients", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every enrolled client")
 @click.option("--rounds", default=1, show_default=True, help="synchronous rounds to run")
-@click.option("--async", "async_", is_flag=True,
-              help="asynchronous: no round barrier, each update is aggregated on arrival")
-@click.option("--wait/--no-wait", default=True, show_default=True,
-              help="wait for aggregation (needed for more than one round)")
+@click.option(
+    "--async",
+    "async_",
+    is_flag=True,
+    help="asynchronous: no round barrier, each update is aggregated on arrival",
+)
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="wait for aggregation (needed for more than one round)",
+)
 @click.option("--timeout", default=3600.0, show_default=True, help="seconds to wait per round")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def train(ctx: click.Context, clients: tuple[str, ...], all_: bool, rounds: int, async_: bool,
-          wait: bool, timeout: float, as_json: bool) -> None:
+def train(
+    ctx: click.Context,
+    clients: tuple[str, ...],
+    all_: bool,
+    rounds: int,
+    async_: bool,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Fine-tune CLIENTS (names or ids), or --all, for N rounds.
 
     A synchronous round sends one training task per client to the workers and waits
@@ -191,7 +221,10 @@ def train(ctx: click.Context, clients: tuple[str, ...], all_: bool, rounds: int,
         summaries.append(summary)
         if not as_json:
             failed = summary["failed"]
-            click.echo(f"round {round_id}: {summary['updates']}" + (f" problems: {failed}" if failed else ""))
+            click.echo(
+                f"round {round_id}: {summary['updates']}"
+                + (f" problems: {failed}" if failed else "")
+            )
     if as_json:
         _echo_json(summaries)
 
@@ -203,19 +236,38 @@ def train(ctx: click.Context, clients: tuple[str, ...], all_: bool, rounds: int,
 @click.option("--timeout", default=1800.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def evaluate(ctx: click.Context, clients: tuple[str, ...], all_: bool, max_examples: int,
-             timeout: float, as_json: bool) -> None:
+def evaluate(
+    ctx: click.Context,
+    clients: tuple[str, ...],
+    all_: bool,
+    max_examples: int,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Score each client's personalized adapter on its test split (runs on the workers)."""
     settings = _settings(ctx)
     _check_db(settings)
     chosen = ops.resolve_clients(settings, clients, all_)
-    rows = ops.evaluate(settings, chosen, _send(settings), max_examples=max_examples,
-                        timeout=timeout, show=not as_json)
+    rows = ops.evaluate(
+        settings,
+        chosen,
+        _send(settings),
+        max_examples=max_examples,
+        timeout=timeout,
+        show=not as_json,
+    )
     if as_json:
         _echo_json(rows)
         return
-    click.echo(_table([[r["client"], r["adapter_version"], f"{r['accuracy']:.3f}", r["num_examples"]]
-                       for r in rows], ["client", "version", "accuracy", "examples"]))
+    click.echo(
+        _table(
+            [
+                [r["client"], r["adapter_version"], f"{r['accuracy']:.3f}", r["num_examples"]]
+                for r in rows
+            ],
+            ["client", "version", "accuracy", "examples"],
+        )
+    )
 
 
 # --- inspection ------------------------------------------------------------------------
@@ -236,12 +288,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
     rows = []
     for r in data["clients"]:
         last = r["last_update"] or {}
-        rows.append([r["client"], r["site"], r["personalized_version"], group_of.get(r["client"], "-"),
-                     last.get("status", "-"), last.get("at", "-")[:19], last.get("reason") or ""])
-    click.echo(f"strategy {data['strategy']}; updates {data['updates']}; "
-               f"last round {data['last_round']}")
+        rows.append(
+            [
+                r["client"],
+                r["site"],
+                r["personalized_version"],
+                group_of.get(r["client"], "-"),
+                last.get("status", "-"),
+                last.get("at", "-")[:19],
+                last.get("reason") or "",
+            ]
+        )
+    click.echo(
+        f"strategy {data['strategy']}; updates {data['updates']}; last round {data['last_round']}"
+    )
     click.echo(_table(rows, ["client", "site", "version", "group", "last update", "at", "note"]))
-    click.echo("queues: " + ", ".join(f"{q}={'?' if n is None else n}" for q, n in data["queues"].items()))
+    click.echo(
+        "queues: " + ", ".join(f"{q}={'?' if n is None else n}" for q, n in data["queues"].items())
+    )
 
 
 @cli.command()
@@ -258,7 +322,9 @@ def groups(ctx: click.Context, as_json: bool) -> None:
     if data["version"] is None:
         click.echo("no groups yet: they are formed at the first aggregation")
         return
-    click.echo(f"grouping version {data['version']} ({data['strategy']}, threshold {data['threshold']})")
+    click.echo(
+        f"grouping version {data['version']} ({data['strategy']}, threshold {data['threshold']})"
+    )
     for g in data["groups"]:
         click.echo(f"  group {g['group']}: {', '.join(g['clients'])}")
 
@@ -269,7 +335,9 @@ def groups(ctx: click.Context, as_json: bool) -> None:
 @click.option("--version", type=int, default=None, help="adapter version (default: latest)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def export(ctx: click.Context, client: str, out_dir: str, version: int | None, as_json: bool) -> None:
+def export(
+    ctx: click.Context, client: str, out_dir: str, version: int | None, as_json: bool
+) -> None:
     """Write CLIENT's personalized adapter as a PEFT folder (PeftModel.from_pretrained)."""
     settings = _settings(ctx)
     _check_db(settings)
@@ -314,21 +382,41 @@ def aggregator(ctx: click.Context, loglevel: str) -> None:
 
 @cli.command()
 @click.option("--dataset", type=click.Choice(["demo", "flan8"]), default="demo", show_default=True)
-@click.option("--strategies", default="fedbip,local,fedavg", show_default=True,
-              help="comma-separated; the first is the main one")
+@click.option(
+    "--strategies",
+    default="fedbip,local,fedavg",
+    show_default=True,
+    help="comma-separated; the first is the main one",
+)
 @click.option("--rounds", default=3, show_default=True)
-@click.option("--train-per-client", default=128, show_default=True)
+@click.option("--train-per-client", default=64, show_default=True)
 @click.option("--test-per-client", default=64, show_default=True)
-@click.option("--out", "out_dir", default=None, help="folder for the runs (default: FEDVEC_HOME/demo)")
+@click.option(
+    "--max-length", default=64, show_default=True, help="tokens per (prompt, option) pair"
+)
+@click.option("--learning-rate", default=5e-3, show_default=True)
+@click.option(
+    "--out", "out_dir", default=None, help="folder for the runs (default: FEDVEC_HOME/demo)"
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def demo(ctx: click.Context, dataset: str, strategies: str, rounds: int, train_per_client: int,
-         test_per_client: int, out_dir: str | None, as_json: bool) -> None:
+def demo(
+    ctx: click.Context,
+    dataset: str,
+    strategies: str,
+    rounds: int,
+    train_per_client: int,
+    test_per_client: int,
+    max_length: int,
+    learning_rate: float,
+    out_dir: str | None,
+    as_json: bool,
+) -> None:
     """Run the whole loop on real data: enroll clients, start a worker and the aggregator,
     run synchronous rounds per strategy, evaluate, print a per-client table."""
     from services.demo import run_demo
 
-    settings = _settings(ctx)
+    settings = _settings(ctx).replace(max_length=max_length, learning_rate=learning_rate)
     result = run_demo(
         settings,
         dataset=dataset,

@@ -49,7 +49,9 @@ def _flan(record: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _example(record: Any, where: str) -> Example:
     if not isinstance(record, dict):
-        raise ClientDataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+        raise ClientDataError(
+            f"{where}: a record must be a JSON object, got {type(record).__name__}"
+        )
     if "instruction" in record and "prompt" not in record:
         record = _flan(record, where)
     prompt, options, answer = record.get("prompt"), record.get("options"), record.get("answer")

@@ -69,7 +69,9 @@ def run_strategy(
         def alive() -> None:
             dead = [p.args[-1] for p in procs if p.poll() is not None]
             if dead:
-                raise ops.OperationError(f"a fedvec process exited; see the logs in {home / 'logs'}")
+                raise ops.OperationError(
+                    f"a fedvec process exited; see the logs in {home / 'logs'}"
+                )
 
         for r in range(1, rounds + 1):
             round_id = ops.start_round(s, enrolled, send)
@@ -134,7 +136,12 @@ def run_demo(
         runs.append(run_strategy(settings, strategy, clients, rounds, out_dir / strategy, echo))
     wall = time.perf_counter() - t0
     main = runs[0]
-    header = ["client", "task", *(f"{r['strategy']} acc" for r in runs), f"group ({main['strategy']})"]
+    header = [
+        "client",
+        "task",
+        *(f"{r['strategy']} acc" for r in runs),
+        f"group ({main['strategy']})",
+    ]
     rows = []
     for c in clients:
         rows.append(
@@ -167,4 +174,3 @@ def run_demo(
         "wall_seconds": wall,
         "clients": [{"name": c.name, "task": c.task} for c in clients],
     }
-

@@ -225,7 +225,9 @@ def evaluate(
 
     def done() -> tuple[bool, int]:
         with session_scope(settings.resolved_database_url) as s:
-            n = s.scalar(select(func.count()).select_from(Evaluation).where(Evaluation.uid.in_(uids)))
+            n = s.scalar(
+                select(func.count()).select_from(Evaluation).where(Evaluation.uid.in_(uids))
+            )
         return n == len(uids), int(n or 0)
 
     wait_for(done, total=len(uids), timeout=timeout, desc="evaluating", show=show)

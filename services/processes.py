@@ -24,9 +24,7 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
     return env
 
 
-def start(
-    command: str, settings: Settings, log_path: Path, *extra: str
-) -> subprocess.Popen[bytes]:
+def start(command: str, settings: Settings, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
     """`fedvec <command>` as a child process, logging to log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
@@ -52,7 +50,9 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
 
 
 @contextmanager
-def service(settings: Settings, log_dir: Path, workers: int = 1) -> Iterator[list[subprocess.Popen[bytes]]]:
+def service(
+    settings: Settings, log_dir: Path, workers: int = 1
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Workers and one aggregator running for the duration of the block."""
     procs = [start("aggregator", settings, log_dir / "aggregator.log")]
     procs += [start("worker", settings, log_dir / f"worker-{i}.log") for i in range(workers)]

@@ -95,9 +95,16 @@ class Harness:
         with session_scope(self.db) as s:
             s.add(
                 Update(
-                    uid=uid, client_id=client_id, round_id=round_id, base_version=version,
-                    status="stored", adapter_key=akey, adapter_sha256=a_sha,
-                    task_vector_key=tkey, task_vector_sha256=t_sha, num_examples=10,
+                    uid=uid,
+                    client_id=client_id,
+                    round_id=round_id,
+                    base_version=version,
+                    status="stored",
+                    adapter_key=akey,
+                    adapter_sha256=a_sha,
+                    task_vector_key=tkey,
+                    task_vector_sha256=t_sha,
+                    num_examples=10,
                 )
             )
         return UpdateStored(update_uid=uid, client_id=client_id, round_id=round_id)
@@ -140,7 +147,9 @@ def test_synchronous_round_personalizes_within_groups(harness):
     assert harness.count(SimilarityEdge) == 12
     assert harness.count(PersonalizedAdapter) == 4
     with session_scope(harness.db) as s:
-        groups = dict(s.execute(select(GroupMember.client_id, GroupMember.group_index)).tuples().all())
+        groups = dict(
+            s.execute(select(GroupMember.client_id, GroupMember.group_index)).tuples().all()
+        )
         rnd = s.get(Round, rid)
         assert rnd.status == "aggregated"
     assert groups[ids[0]] == groups[ids[1]] != groups[ids[2]] == groups[ids[3]]
@@ -224,8 +233,16 @@ def test_failed_update_completes_the_round(harness):
     assert harness.agg.handle(e_ok.to_dict()) == "accepted"
     uid = str(uuid.uuid4())
     with session_scope(harness.db) as s:
-        s.add(Update(uid=uid, client_id=ids[1], round_id=rid, base_version=-1, status="failed",
-                     reason="worker gave up"))
+        s.add(
+            Update(
+                uid=uid,
+                client_id=ids[1],
+                round_id=rid,
+                base_version=-1,
+                status="failed",
+                reason="worker gave up",
+            )
+        )
     failed = UpdateFailed(update_uid=uid, client_id=ids[1], round_id=rid)
     assert harness.agg.handle(failed.to_dict()) == "round-aggregated"
     assert harness.current(ids[0])[0] == 1
@@ -246,7 +263,8 @@ def test_asynchronous_updates_apply_each_peer_vector_once(harness):
     assert harness.agg.handle(harness.update(a, tau_a2, None).to_dict()) == "aggregated"
     with session_scope(harness.db) as s:
         latest = s.scalars(
-            select(PersonalizedAdapter).where(PersonalizedAdapter.client_id == a)
+            select(PersonalizedAdapter)
+            .where(PersonalizedAdapter.client_id == a)
             .order_by(PersonalizedAdapter.version.desc())
         ).first()
     assert latest.version == 2 and len(latest.sources["updates"]) == 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from services.client_data import load_examples
 from services.demo_data import build_demo_clients
 from sqlalchemy import func, select
 
@@ -20,6 +19,7 @@ from schema.models import (
 from services import adapter_store as ads
 from services import operations as ops
 from services import processes
+from services.client_data import load_examples
 from services.context import object_store
 from services.db import session_scope, upgrade
 from workers.celery_app import make_app
@@ -35,7 +35,11 @@ def run(tmp_path_factory):
     from services.settings import load_settings
 
     settings = load_settings(environ={}).replace(
-        home=str(home), max_steps=3, batch_size=4, max_length=64, torch_threads=1,
+        home=str(home),
+        max_steps=3,
+        batch_size=4,
+        max_length=64,
+        torch_threads=1,
         strategy="fedbip",
     )
     clients = build_demo_clients(home / "data", train_per_client=16, test_per_client=8)
@@ -109,8 +113,12 @@ def test_exported_adapter_loads_with_peft_and_matches_the_worker(run, tmp_path):
     with torch.no_grad():
         for ex, exp in zip(examples, expected, strict=True):
             enc = runtime.tokenizer(
-                [ex.prompt] * len(ex.options), list(ex.options), truncation="only_first",
-                max_length=settings.max_length, padding=True, return_tensors="pt",
+                [ex.prompt] * len(ex.options),
+                list(ex.options),
+                truncation="only_first",
+                max_length=settings.max_length,
+                padding=True,
+                return_tensors="pt",
             )
             got = model(**enc).logits.squeeze(-1)
             torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-4)

@@ -59,14 +59,41 @@ def test_events_round_trip():
     [
         ("text", "unknown event kind"),
         ({"kind": "update.exploded"}, "unknown event kind"),
-        ({"kind": "update.stored", "client_id": 1, "round_id": None, "event_id": "e"},
-         "missing field 'update_uid'"),
-        ({"kind": "update.stored", "update_uid": "u", "client_id": "1", "round_id": None,
-          "event_id": "e"}, "'client_id' has type str"),
-        ({"kind": "update.stored", "update_uid": "u", "client_id": True, "round_id": None,
-          "event_id": "e"}, "'client_id' has type bool"),
-        ({"kind": "update.stored", "update_uid": "u", "client_id": 1, "round_id": None,
-          "event_id": "e", "extra": 1}, "unknown fields"),
+        (
+            {"kind": "update.stored", "client_id": 1, "round_id": None, "event_id": "e"},
+            "missing field 'update_uid'",
+        ),
+        (
+            {
+                "kind": "update.stored",
+                "update_uid": "u",
+                "client_id": "1",
+                "round_id": None,
+                "event_id": "e",
+            },
+            "'client_id' has type str",
+        ),
+        (
+            {
+                "kind": "update.stored",
+                "update_uid": "u",
+                "client_id": True,
+                "round_id": None,
+                "event_id": "e",
+            },
+            "'client_id' has type bool",
+        ),
+        (
+            {
+                "kind": "update.stored",
+                "update_uid": "u",
+                "client_id": 1,
+                "round_id": None,
+                "event_id": "e",
+                "extra": 1,
+            },
+            "unknown fields",
+        ),
     ],
 )
 def test_malformed_events_are_refused(data, message):

@@ -27,6 +27,7 @@ from peft import (
     set_peft_model_state_dict,
 )
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from aggregator.task_vectors import StateDict
 from services.client_data import Example
@@ -47,6 +48,7 @@ def lora_config(settings: Settings) -> LoraConfig:
 
 
 def load_base_model(model_path: str) -> Any:
+    hf_logging.disable_progress_bar()  # a bar per load is noise in worker logs
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
     model.config.problem_type = "regression"  # one score per (prompt, option) pair
     return model
@@ -140,7 +142,9 @@ class ModelRuntime:
 
     def loss(self, examples: Sequence[Example]) -> torch.Tensor:
         losses = [
-            torch.nn.functional.cross_entropy(s.unsqueeze(0), torch.tensor([ex.label], device=s.device))
+            torch.nn.functional.cross_entropy(
+                s.unsqueeze(0), torch.tensor([ex.label], device=s.device)
+            )
             for s, ex in zip(self._pair_scores(examples), examples, strict=True)
         ]
         return torch.stack(losses).mean()

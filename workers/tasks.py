@@ -69,9 +69,7 @@ def ensure_initial_adapter(store: ObjectStore, runtime: ModelRuntime, settings: 
     ads.put_state(store, ads.INITIAL_ADAPTER_KEY, runtime.initial_adapter())
 
 
-def load_current(
-    store: ObjectStore, settings: Settings, current: CurrentAdapter
-) -> StateDict:
+def load_current(store: ObjectStore, settings: Settings, current: CurrentAdapter) -> StateDict:
     return ads.get_state(
         store, current.key, max_bytes=settings.max_adapter_bytes, expected_sha256=current.sha256
     )
@@ -103,13 +101,14 @@ def run_training(settings: Settings, req: TrainRequest, publish: Publish) -> dic
 
         def progress(step: int, total: int, loss: float) -> None:
             if step % every == 0 or step == total:
-                log.info(
-                    "client=%s update=%s step %d/%d loss %.4f", name, uid, step, total, loss
-                )
+                log.info("client=%s update=%s step %d/%d loss %.4f", name, uid, step, total, loss)
 
         log.info(
             "client=%s update=%s training from version %d on %d examples",
-            name, uid, current.version, len(examples),
+            name,
+            uid,
+            current.version,
+            len(examples),
         )
         result = runtime.train(start, examples, seed=seed, progress=progress)
         metrics.FINETUNE_SECONDS.observe(result.duration_s)
@@ -149,7 +148,12 @@ def run_training(settings: Settings, req: TrainRequest, publish: Publish) -> dic
         raise
     log.info(
         "client=%s update=%s stored: %d steps in %.1fs, loss %.4f, |tau| %.4f",
-        name, uid, result.steps, result.duration_s, result.loss, norm,
+        name,
+        uid,
+        result.steps,
+        result.duration_s,
+        result.loss,
+        norm,
     )
     publish(UpdateStored(update_uid=uid, client_id=req.client_id, round_id=req.round_id))
     return {"update_uid": uid, "status": "stored", "steps": result.steps, "loss": result.loss}
@@ -206,7 +210,10 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
         )
     log.info(
         "client=%s evaluated version %d: accuracy %.3f on %d examples",
-        name, current.version, accuracy, len(examples),
+        name,
+        current.version,
+        accuracy,
+        len(examples),
     )
     return {"client_id": req.client_id, "version": current.version, "accuracy": accuracy}
 

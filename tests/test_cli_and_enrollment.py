@@ -1,0 +1,139 @@
+"""The `fedvec` CLI and enrollment, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from schema.models import Client
+from services import operations as ops
+from services.cli import cli
+from services.db import SchemaNotReady, check_schema, current_revision, head_revision, session_scope
+from services.processes import settings_env
+
+COMMANDS = [
+    [],
+    ["db"],
+    ["db", "upgrade"],
+    ["enroll"],
+    ["clients"],
+    ["train"],
+    ["evaluate"],
+    ["status"],
+    ["groups"],
+    ["export"],
+    ["worker"],
+    ["aggregator"],
+    ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "fedvec")
+def test_every_command_explains_itself(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and len(result.output.splitlines()) > 4
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+GOOD = [
+    {"prompt": "The match ended 2-1", "options": ["sports", "tech"], "answer": "sports"},
+    {"prompt": "A new chip", "options": ["sports", "tech"], "answer": "tech"},
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request, embedded_settings):
+    if request.param == "sqlite":
+        return embedded_settings
+    url = request.getfixturevalue("postgres_url")
+    from services.db import upgrade
+
+    s = embedded_settings.replace(database_url=url)
+    upgrade(url)
+    return s
+
+
+def run(settings, *args):
+    return CliRunner().invoke(cli, list(args), env=settings_env(settings), catch_exceptions=False)
+
+
+def clients_in_db(settings) -> int:
+    with session_scope(settings.resolved_database_url) as s:
+        return s.scalar(select(func.count()).select_from(Client))
+
+
+def test_migrations_reach_head(settings):
+    assert current_revision(settings.resolved_database_url) == head_revision()
+    check_schema(settings.resolved_database_url)
+
+
+def test_enroll_list_and_json(settings, tmp_path):
+    data = write(tmp_path / "train.jsonl", GOOD)
+    result = run(settings, "enroll", "alice", "--data", str(data), "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output)
+    assert row["name"] == "alice" and row["num_examples"] == 2
+    listed = json.loads(run(settings, "clients", "--json").output)
+    assert [c["name"] for c in listed] == ["alice"]
+    dup = run(settings, "enroll", "alice", "--data", str(data))
+    assert dup.exit_code == 2 and "already enrolled" in dup.output
+    assert clients_in_db(settings) == 1
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("", "empty"),
+        ('{"prompt": "x", "options": ["a", "b"], "answer": "a"}\n{not json\n', "line 2"),
+        ('{"prompt": "x", "options": ["a", "b"], "answer": "c"}\n', "not one of the options"),
+        ('{"prompt": "x", "options": ["a"], "answer": "a"}\n', "2 to 16 options"),
+        ('[1, 2]', "must be a JSON object"),
+    ],
+    ids=["missing", "empty", "malformed", "bad-answer", "one-option", "not-objects"],
+)
+def test_bad_enrollment_is_refused_and_leaves_no_row(settings, tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    result = run(settings, "enroll", "bob", "--data", str(path))
+    assert result.exit_code == 2
+    assert "cannot enroll bob" in result.output and message in result.output
+    assert str(path) in result.output
+    assert clients_in_db(settings) == 0
+
+
+def test_bad_name_and_unknown_client(settings, tmp_path):
+    data = write(tmp_path / "train.jsonl", GOOD)
+    result = run(settings, "enroll", "../evil", "--data", str(data))
+    assert result.exit_code == 2 and "not valid" in result.output
+    result = run(settings, "export", "nobody", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "unknown client 'nobody'" in result.output
+    assert clients_in_db(settings) == 0
+
+
+def test_commands_refuse_an_unmigrated_database(tmp_path):
+    from services.settings import load_settings
+
+    settings = load_settings(environ={}).replace(home=str(tmp_path / "fresh"))
+    result = run(settings, "clients")
+    assert result.exit_code == 2 and "fedvec db upgrade" in result.output
+    with pytest.raises(SchemaNotReady):
+        check_schema(settings.resolved_database_url)
+
+
+def test_status_and_groups_before_any_training(settings, tmp_path):
+    ops.enroll(settings, "carol", write(tmp_path / "t.jsonl", GOOD))
+    data = json.loads(run(settings, "status", "--json").output)
+    assert data["clients"][0]["client"] == "carol"
+    assert data["clients"][0]["personalized_version"] == 0
+    assert data["queues"] == {"train": 0, "aggregate": 0}
+    assert "no groups yet" in run(settings, "groups").output
