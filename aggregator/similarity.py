@@ -51,7 +51,9 @@ def layerwise_cosine_matrices(sds: Sequence[StateDict]) -> dict[str, torch.Tenso
     for i, sd in enumerate(sds[1:], start=1):
         if set(sd) != keys:
             diff = sorted(keys.symmetric_difference(sd))
-            raise InvalidTaskVector(f"layerwise_cosine_matrices: state dict {i} keys differ: {diff}")
+            raise InvalidTaskVector(
+                f"layerwise_cosine_matrices: state dict {i} keys differ: {diff}"
+            )
     out: dict[str, torch.Tensor] = {}
     for layer, layer_keys in layers(keys).items():
         rows = [flatten({k: sd[k] for k in layer_keys}) for sd in sds]

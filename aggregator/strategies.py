@@ -198,9 +198,7 @@ class FedBip(Strategy):
         members = self._group_of(target, plan)
         self_index = members.index(target)
         group = [contributions[k] for k in members]
-        p = similarity_weights(
-            plan.similarity[target, members], self_index, self._discounts(group)
-        )
+        p = similarity_weights(plan.similarity[target, members], self_index, self._discounts(group))
         return add_scaled(base, [c.task_vector for c in group], p.tolist())
 
 
@@ -245,9 +243,7 @@ class Clustered(Strategy):
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
         weights = uniform_weights(len(members))
-        return add_scaled(
-            base, [contributions[k].task_vector for k in members], weights.tolist()
-        )
+        return add_scaled(base, [contributions[k].task_vector for k in members], weights.tolist())
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

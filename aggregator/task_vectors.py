@@ -86,9 +86,7 @@ def check_state_dict(
         n_nan = int(torch.isnan(value).sum())
         n_inf = int(torch.isinf(value).sum())
         if n_nan or n_inf:
-            problems.append(
-                f"key {key!r}: {n_nan} NaN and {n_inf} Inf value(s) of {value.numel()}"
-            )
+            problems.append(f"key {key!r}: {n_nan} NaN and {n_inf} Inf value(s) of {value.numel()}")
     if problems:
         raise InvalidTaskVector("; ".join(problems))
 
@@ -120,9 +118,7 @@ def task_vector(trained: StateDict, base: StateDict) -> StateDict:
     }
 
 
-def add_scaled(
-    base: StateDict, deltas: Sequence[StateDict], weights: Sequence[float]
-) -> StateDict:
+def add_scaled(base: StateDict, deltas: Sequence[StateDict], weights: Sequence[float]) -> StateDict:
     """base + sum_k w_k * delta_k as new float32 tensors.
 
     Accumulates in float64 (cheap at LoRA sizes) so the result does not depend on how many

@@ -1,4 +1,11 @@
-"""Client data files: multiple-choice records, checked whole before anything uses them."""
+"""Client data files: multiple-choice records, checked whole before anything uses them.
+
+A record is ``{"prompt": str, "options": [str, ...], "answer": str}`` (the answer is one
+of 2 to 16 unique options). A file is JSON Lines (one object a line, blank lines ignored)
+or a JSON list of objects. FLAN records (``instruction`` listing its answers after an
+``OPTIONS:`` line as ``- answer`` lines, ``output`` the gold answer) are converted.
+Anything wrong is a :class:`ClientDataError` naming the file, the record and the problem.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,12 @@ from typing import Any
 MAX_RECORDS = 100_000
 MAX_FIELD_CHARS = 20_000
 MAX_FILE_BYTES = 200 * 2**20
+MIN_OPTIONS = 2
 MAX_OPTIONS = 16
 
 
 class ClientDataError(ValueError):
-    pass
+    """A client data file that cannot be used; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -28,102 +36,207 @@ class Example:
 
     @property
     def label(self) -> int:
+        """Index of the answer among the options."""
         return self.options.index(self.answer)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """repr of a value, cut so that error messages stay readable."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _flan(record: dict[str, Any], where: str) -> dict[str, Any]:
     """FLAN record -> prompt/options/answer (options listed after an `OPTIONS:` line)."""
-    text, output = record.get("instruction"), record.get("output")
-    if not isinstance(text, str) or not isinstance(output, str):
-        raise ClientDataError(f"{where}: 'instruction' and 'output' must be strings")
-    lines = text.split("\n")
-    if "OPTIONS:" not in [ln.strip() for ln in lines]:
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise ClientDataError(f"{where}: FLAN record without {key!r}")
+        if not isinstance(record[key], str):
+            raise ClientDataError(
+                f"{where}: FLAN {key!r} must be a string, got {_type_name(record[key])}"
+            )
+    lines = record["instruction"].split("\n")
+    stripped = [ln.strip() for ln in lines]
+    if "OPTIONS:" not in stripped:
+        task = record.get("task")
+        named = f" ({task})" if isinstance(task, str) and task else ""
         raise ClientDataError(
-            f"{where}: a FLAN record without OPTIONS: is a generation task; generation "
-            "tasks need the causal-LM path and are not supported by the encoder"
+            f"{where}: FLAN record without an OPTIONS: list is a generation task{named}; "
+            "generation tasks need the causal-LM path and are not supported by the encoder"
         )
-    cut = [ln.strip() for ln in lines].index("OPTIONS:")
-    options = [ln.strip()[2:].strip() for ln in lines[cut + 1 :] if ln.strip().startswith("- ")]
-    return {"prompt": "\n".join(lines[:cut]).strip(), "options": options, "answer": output.strip()}
+    cut = stripped.index("OPTIONS:")
+    options = [ln[2:].strip() for ln in stripped[cut + 1 :] if ln.startswith("- ")]
+    return {
+        "prompt": "\n".join(lines[:cut]).strip(),
+        "options": options,
+        "answer": record["output"].strip(),
+    }
 
 
 def _example(record: Any, where: str) -> Example:
     if not isinstance(record, dict):
-        raise ClientDataError(
-            f"{where}: a record must be a JSON object, got {type(record).__name__}"
-        )
+        raise ClientDataError(f"{where}: a record must be a JSON object, got {_type_name(record)}")
     if "instruction" in record and "prompt" not in record:
         record = _flan(record, where)
-    prompt, options, answer = record.get("prompt"), record.get("options"), record.get("answer")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ClientDataError(f"{where}: 'prompt' must be a non-empty string")
-    if not isinstance(options, list) or not all(isinstance(o, str) and o for o in options):
-        raise ClientDataError(f"{where}: 'options' must be a list of non-empty strings")
-    if not 2 <= len(options) <= MAX_OPTIONS:
-        raise ClientDataError(f"{where}: needs 2 to {MAX_OPTIONS} options, got {len(options)}")
-    if len(set(options)) != len(options):
-        raise ClientDataError(f"{where}: duplicate options {options}")
-    if not isinstance(answer, str):
-        raise ClientDataError(f"{where}: 'answer' must be a string")
-    if answer not in options:
-        raise ClientDataError(f"{where}: 'answer' {answer!r} is not one of the options {options}")
-    for text in (prompt, *options):
+    for key, kind in (("prompt", str), ("options", list), ("answer", str)):
+        if key not in record:
+            raise ClientDataError(f"{where}: missing field {key!r}")
+        if not isinstance(record[key], kind):
+            want = "a string" if kind is str else "a list of strings"
+            got = _type_name(record[key])
+            raise ClientDataError(f"{where}: {key!r} must be {want}, got {got}")
+    prompt, options, answer = record["prompt"], record["options"], record["answer"]
+    for i, option in enumerate(options):
+        if not isinstance(option, str):
+            raise ClientDataError(
+                f"{where}: option {i + 1} must be a string, got {_type_name(option)}"
+            )
+    for name, text in (("prompt", prompt), ("answer", answer)) + tuple(
+        (f"option {i + 1}", o) for i, o in enumerate(options)
+    ):
         if len(text) > MAX_FIELD_CHARS:
-            raise ClientDataError(f"{where}: a field is over {MAX_FIELD_CHARS} characters")
+            raise ClientDataError(
+                f"{where}: {name} is {len(text)} characters, over the limit of {MAX_FIELD_CHARS}"
+            )
+    if not prompt.strip():
+        raise ClientDataError(f"{where}: 'prompt' is empty")
+    if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
+        raise ClientDataError(
+            f"{where}: needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}"
+        )
+    for i, option in enumerate(options):
+        if not option.strip():
+            raise ClientDataError(f"{where}: option {i + 1} is empty")
+    duplicates = sorted(o for o, n in Counter(options).items() if n > 1)
+    if duplicates:
+        raise ClientDataError(f"{where}: duplicate options {_short(duplicates)}")
+    if answer not in options:
+        raise ClientDataError(
+            f"{where}: 'answer' {_short(answer)} is not one of the options {_short(options)}"
+        )
     return Example(prompt=prompt, options=tuple(options), answer=answer)
 
 
-def load_examples(path: str | os.PathLike) -> list[Example]:
-    p = Path(path)
+def example_from_record(record: Any, where: str) -> Example:
+    """One record (ours or FLAN) -> Example; `where` starts every error message."""
+    return _example(record, where)
+
+
+def _read_text(p: Path) -> str:
     if not p.exists():
         raise ClientDataError(f"{p}: no such file")
+    if p.is_dir():
+        raise ClientDataError(f"{p}: is a directory, not a data file")
     if not p.is_file():
-        raise ClientDataError(f"{p}: not a file")
-    size = p.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise ClientDataError(f"{p}: {size} bytes, over the limit of {MAX_FILE_BYTES}")
+        raise ClientDataError(f"{p}: not a regular file")
     try:
-        text = p.read_bytes().decode("utf-8")
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ClientDataError(f"{p}: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ClientDataError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
+    if len(raw) > MAX_FILE_BYTES:  # grew since stat
+        raise ClientDataError(f"{p}: over the limit of {MAX_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ClientDataError(f"{p}: not UTF-8 text ({exc})") from None
-    if not text.strip():
-        raise ClientDataError(f"{p}: the file is empty")
-    records: list[tuple[Any, str]] = []
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ClientDataError(
+            f"{p} line {line}: not valid UTF-8 (byte {raw[exc.start]:#04x} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def _parse(text: str) -> Any:
+    """json.loads, with every failure (bad syntax, absurd nesting or numbers) a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _records(p: Path, text: str) -> list[tuple[Any, str]]:
     if text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = _parse(text)
         except json.JSONDecodeError as exc:
-            raise ClientDataError(f"{p}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        records = [(r, f"{p} record {i + 1}") for i, r in enumerate(data)]
-    else:
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((json.loads(line), f"{p} line {n}"))
-            except json.JSONDecodeError as exc:
-                raise ClientDataError(f"{p} line {n}: invalid JSON: {exc.msg}") from None
-            if len(records) > MAX_RECORDS:
-                break
+            raise ClientDataError(
+                f"{p} line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"
+            ) from None
+        except ValueError as exc:
+            raise ClientDataError(f"{p}: invalid JSON: {exc}") from None
+        if len(data) > MAX_RECORDS:
+            raise ClientDataError(f"{p}: {len(data)} records, more than the limit of {MAX_RECORDS}")
+        return [(r, f"{p} record {i + 1}") for i, r in enumerate(data)]
+    records: list[tuple[Any, str]] = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        if len(records) >= MAX_RECORDS:
+            raise ClientDataError(f"{p} line {n}: more than the limit of {MAX_RECORDS} records")
+        try:
+            records.append((_parse(line), f"{p} line {n}"))
+        except ValueError as exc:
+            msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            hint = ""
+            if not records:  # a pretty-printed single object, or JSON that is not a list?
+                try:
+                    whole = _parse(text)
+                except ValueError:
+                    whole = None
+                if isinstance(whole, dict):
+                    hint = (
+                        " (the file holds a single JSON object; expected a JSON list of "
+                        "records, or one record a line)"
+                    )
+            raise ClientDataError(f"{p} line {n}: invalid JSON: {msg}{hint}") from None
+    return records
+
+
+def load_examples(path: str | os.PathLike) -> list[Example]:
+    """Read and check a whole client data file (.jsonl, or .json holding a list)."""
+    p = Path(path)
+    text = _read_text(p)
+    if not text.strip():
+        raise ClientDataError(f"{p}: the file is empty")
+    records = _records(p, text)
     if not records:
         raise ClientDataError(f"{p}: no records")
-    if len(records) > MAX_RECORDS:
-        raise ClientDataError(f"{p}: more than {MAX_RECORDS} records")
     return [_example(r, where) for r, where in records]
 
 
 def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> None:
+    """Write examples as JSON Lines (UTF-8), creating the parent folder."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", encoding="utf-8") as f:
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
         for ex in examples:
             row = {"prompt": ex.prompt, "options": list(ex.options), "answer": ex.answer}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(p)
 
 
-def summarize(examples: list[Example]) -> dict[str, Any]:
+def summarize(examples: Iterable[Example]) -> dict[str, Any]:
+    """count, the set of options seen (sorted), and how often each answer is the label."""
+    examples = list(examples)
+    labels = Counter(ex.answer for ex in examples)
     return {
         "count": len(examples),
         "options": sorted({o for ex in examples for o in ex.options}),
-        "labels": dict(Counter(ex.answer for ex in examples)),
+        "labels": dict(sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))),
     }

@@ -43,6 +43,7 @@ class Settings:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "query,value"
+    base_dropout: float = 0.0  # dropout of the frozen base model while training; <0: its own
     lora_init_seed: int = 0  # every client starts from the same initial adapter
     epochs: int = 1
     max_steps: int = 0  # 0: no cap; otherwise at most this many optimizer steps per update

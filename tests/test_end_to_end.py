@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from services.demo_data import build_demo_clients
 from sqlalchemy import func, select
 
 from schema.models import (
@@ -22,6 +21,7 @@ from services import processes
 from services.client_data import load_examples
 from services.context import object_store
 from services.db import session_scope, upgrade
+from services.demo_data import build_demo_clients
 from workers.celery_app import make_app
 from workers.model import ModelRuntime, load_base_model
 

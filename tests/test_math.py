@@ -314,15 +314,11 @@ def test_threshold_groups_extremes(gen):
 
 def test_threshold_groups_average_linkage_no_chaining():
     # 0~1 and 1~2 are similar but 0 and 2 are opposed: average linkage keeps 2 out.
-    sim = torch.tensor(
-        [[1.0, 0.9, -0.9], [0.9, 1.0, 0.5], [-0.9, 0.5, 1.0]], dtype=torch.float64
-    )
+    sim = torch.tensor([[1.0, 0.9, -0.9], [0.9, 1.0, 0.5], [-0.9, 0.5, 1.0]], dtype=torch.float64)
     assert threshold_groups(sim, 0.1) == [0, 0, 1]
 
 
 def test_threshold_groups_deterministic_ties():
-    sim = torch.tensor(
-        [[1.0, 0.5, 0.5], [0.5, 1.0, 0.5], [0.5, 0.5, 1.0]], dtype=torch.float64
-    )
+    sim = torch.tensor([[1.0, 0.5, 0.5], [0.5, 1.0, 0.5], [0.5, 0.5, 1.0]], dtype=torch.float64)
     assert threshold_groups(sim, 0.6) == [0, 1, 2]
     assert threshold_groups(sim, 0.5) == [0, 0, 0]

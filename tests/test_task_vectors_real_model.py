@@ -5,11 +5,11 @@ starting adapter have nearly identical raw parameters but clearly different task
 from __future__ import annotations
 
 import pytest
-from services.client_data import load_examples
-from services.demo_data import build_demo_clients
 
 from aggregator.similarity import cosine
 from aggregator.task_vectors import flatten, task_vector
+from services.client_data import load_examples
+from services.demo_data import build_demo_clients
 from services.settings import load_settings
 from workers.model import ModelRuntime
 
