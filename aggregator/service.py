@@ -25,7 +25,7 @@ import torch
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices
+from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices, smoothed_similarity
 from aggregator.strategies import Contribution, Plan, Strategy, get_strategy
 from aggregator.task_vectors import (
     InvalidTaskVector,
@@ -281,7 +281,9 @@ class Aggregator:
             )
             for x in loaded
         ]
-        plan = self.strategy.plan(contributions)
+        now = cosine_matrix(torch.stack([flatten(x.task_vector) for x in loaded]))
+        sim_index = self._similarity_index(loaded, now)
+        plan = self.strategy.plan(contributions, sim_index)
         watermark = max(x.update.id for x in loaded)
         index = {x.update.client_id: i for i, x in enumerate(loaded)}
         published: list[tuple[int, PersonalizedAdapter]] = []
@@ -321,7 +323,7 @@ class Aggregator:
                     ),
                 )
             )
-        self._commit(loaded, plan, published, targets, round_id)
+        self._commit(loaded, plan, sim_index, now, published, targets, round_id)
         elapsed = time.perf_counter() - t0
         metrics.AGGREGATION_SECONDS.observe(elapsed)
         log.info(
@@ -332,6 +334,24 @@ class Aggregator:
             len(set(plan.groups)),
             elapsed,
         )
+
+    def _similarity_index(self, loaded: list[Loaded], now: torch.Tensor) -> torch.Tensor:
+        """The stored index for these clients, moved by what their new vectors show."""
+        n = len(loaded)
+        pos = {x.update.client_id: i for i, x in enumerate(loaded)}
+        previous = torch.full((n, n), float("nan"), dtype=torch.float64)
+        unchanged = torch.zeros((n, n), dtype=torch.bool)
+        with session_scope(self.db_url) as s:
+            edges = s.scalars(select(SimilarityEdge).where(SimilarityEdge.client_id.in_(pos)))
+            for e in edges:
+                if e.peer_id not in pos:
+                    continue
+                a, b = pos[e.client_id], pos[e.peer_id]
+                previous[a, b] = e.cosine
+                unchanged[a, b] = (
+                    e.update_id == loaded[a].update.id and e.peer_update_id == loaded[b].update.id
+                )
+        return smoothed_similarity(now, previous, unchanged, self.settings.similarity_memory)
 
     def _base(self, client_id: int, version: int) -> StateDict:
         limit = self.settings.max_adapter_bytes
@@ -351,13 +371,14 @@ class Aggregator:
         self,
         loaded: list[Loaded],
         plan: Plan,
+        sim_index: torch.Tensor,
+        now: torch.Tensor,
         published: list[tuple[int, PersonalizedAdapter]],
         targets: list[int],
         round_id: int | None,
     ) -> None:
-        now = datetime.now(UTC)
+        stamp = datetime.now(UTC)
         ids = [x.update.client_id for x in loaded]
-        tv = cosine_matrix(torch.stack([flatten(x.task_vector) for x in loaded]))
         raw = cosine_matrix(torch.stack([flatten(x.trained) for x in loaded]))
         per_layer = layerwise_cosine_matrices([x.task_vector for x in loaded])
         changed = set(targets)
@@ -376,14 +397,15 @@ class Aggregator:
                         SimilarityEdge(
                             client_id=ca,
                             peer_id=cb,
-                            cosine=float(tv[a, b]),
+                            cosine=float(sim_index[a, b]),
+                            update_cosine=float(now[a, b]),
                             raw_cosine=float(raw[a, b]),
                             layer_cosines={
                                 k: round(float(m[a, b]), 6) for k, m in per_layer.items()
                             },
                             update_id=loaded[a].update.id,
                             peer_update_id=loaded[b].update.id,
-                            updated_at=now,
+                            updated_at=stamp,
                         )
                     )
             self._store_groups(s, ids, plan.groups, round_id)
@@ -391,11 +413,11 @@ class Aggregator:
                 s.add(row)
                 upd = s.get(Update, loaded[ids.index(client_id)].update.id)
                 upd.status = "aggregated"
-                upd.aggregated_at = now
+                upd.aggregated_at = stamp
                 created = upd.created_at
                 if created.tzinfo is None:  # SQLite keeps no time zone
                     created = created.replace(tzinfo=UTC)
-                metrics.STORED_TO_PUBLISHED_SECONDS.observe((now - created).total_seconds())
+                metrics.STORED_TO_PUBLISHED_SECONDS.observe((stamp - created).total_seconds())
             self._finish_round(round_id, s)
         metrics.UPDATES_AGGREGATED.inc(len(published))
 

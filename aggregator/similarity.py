@@ -59,3 +59,29 @@ def layerwise_cosine_matrices(sds: Sequence[StateDict]) -> dict[str, torch.Tenso
         rows = [flatten({k: sd[k] for k in layer_keys}) for sd in sds]
         out[layer] = cosine_matrix(torch.stack(rows))
     return out
+
+
+def smoothed_similarity(
+    now: torch.Tensor, previous: torch.Tensor, unchanged: torch.Tensor, memory: float
+) -> torch.Tensor:
+    """The similarity index after new task vectors arrived.
+
+    now: [n, n] cosines of the clients' latest task vectors; previous: [n, n] the index's
+    stored values (NaN where the pair has none); unchanged: [n, n] bool, True where neither
+    client's vector changed since the stored value. Pairs with new information move to
+    memory·previous + (1 − memory)·now; unchanged pairs keep their value. Why: late in
+    training a short run's task vector is mostly optimizer noise, so one round's cosine is
+    a noisy estimate of how alike two clients are; memory 0 is the paper's per-round cosine.
+    """
+    if not 0.0 <= memory < 1.0:
+        raise ValueError(f"similarity memory must be in [0, 1), got {memory}")
+    if now.shape != previous.shape or now.shape != unchanged.shape:
+        raise ValueError("smoothed_similarity: shapes differ")
+    now = now.to(torch.float64)
+    known = torch.isfinite(previous)
+    prev = torch.where(known, previous.to(torch.float64), now)
+    blended = memory * prev + (1.0 - memory) * now
+    out = torch.where(known & unchanged, prev, blended)
+    out = (out + out.T) / 2
+    out.fill_diagonal_(1.0)
+    return out

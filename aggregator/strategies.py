@@ -93,7 +93,11 @@ class Strategy(abc.ABC):
         )
 
     @abc.abstractmethod
-    def plan(self, contributions: Sequence[Contribution]) -> Plan: ...
+    def plan(
+        self, contributions: Sequence[Contribution], similarity: torch.Tensor | None = None
+    ) -> Plan:
+        """similarity: the aggregator's task-vector similarity index for these contributions
+        (None: the cosines of their task vectors)."""
 
     @abc.abstractmethod
     def _personalize(
@@ -125,8 +129,10 @@ class Strategy(abc.ABC):
             dtype=torch.float64,
         )
 
-    def _grouped_plan(self, contributions: Sequence[Contribution]) -> Plan:
-        sim = _task_cosine(contributions)
+    def _grouped_plan(
+        self, contributions: Sequence[Contribution], similarity: torch.Tensor | None
+    ) -> Plan:
+        sim = _task_cosine(contributions) if similarity is None else similarity
         return Plan(similarity=sim, groups=threshold_groups(sim, self.group_threshold))
 
     @staticmethod
@@ -139,7 +145,7 @@ class Local(Strategy):
 
     name = "local"
 
-    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+    def plan(self, contributions, similarity=None) -> Plan:
         if contributions:
             _validate(contributions)
         n = len(contributions)
@@ -154,9 +160,10 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
-    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+    def plan(self, contributions, similarity=None) -> Plan:
         # Similarity only for display; it does not affect the weights.
-        return Plan(similarity=_task_cosine(contributions), groups=[0] * len(contributions))
+        sim = _task_cosine(contributions) if similarity is None else similarity
+        return Plan(similarity=sim, groups=[0] * len(contributions))
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         weights = size_weights([c.num_examples for c in contributions])
@@ -172,7 +179,8 @@ class FedAMPRaw(Strategy):
 
     name = "fedamp_raw"
 
-    def plan(self, contributions: Sequence[Contribution]) -> Plan:
+    def plan(self, contributions, similarity=None) -> Plan:
+        # raw parameters, not the task-vector index: that is the point of this baseline
         n = len(contributions)
         if n == 0:
             return Plan(similarity=torch.zeros((0, 0), dtype=torch.float64), groups=[])
@@ -191,8 +199,8 @@ class FedBip(Strategy):
 
     name = "fedbip"
 
-    def plan(self, contributions: Sequence[Contribution]) -> Plan:
-        return self._grouped_plan(contributions)
+    def plan(self, contributions, similarity=None) -> Plan:
+        return self._grouped_plan(contributions, similarity)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
@@ -211,8 +219,8 @@ class FedBipLayerwise(Strategy):
 
     name = "fedbip_layerwise"
 
-    def plan(self, contributions: Sequence[Contribution]) -> Plan:
-        return self._grouped_plan(contributions)
+    def plan(self, contributions, similarity=None) -> Plan:
+        return self._grouped_plan(contributions, similarity)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
@@ -237,8 +245,8 @@ class Clustered(Strategy):
 
     name = "clustered"
 
-    def plan(self, contributions: Sequence[Contribution]) -> Plan:
-        return self._grouped_plan(contributions)
+    def plan(self, contributions, similarity=None) -> Plan:
+        return self._grouped_plan(contributions, similarity)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)

@@ -86,14 +86,16 @@ class Update(Base):
 
 
 class SimilarityEdge(Base):
-    """Cosine of the latest task vectors of two clients; both directions are stored so
-    "neighbours of client i" is one indexed range scan."""
+    """The similarity index: how alike two clients' task vectors are (`cosine`, smoothed over
+    their updates; `update_cosine`, of their latest task vectors alone). Both directions
+    are stored so "neighbours of client i" is one indexed range scan."""
 
     __tablename__ = "similarity_edges"
 
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), primary_key=True)
     peer_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), primary_key=True)
     cosine: Mapped[float] = mapped_column(Float)
+    update_cosine: Mapped[float] = mapped_column(Float)
     raw_cosine: Mapped[float | None] = mapped_column(Float, nullable=True)
     layer_cosines: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     update_id: Mapped[int] = mapped_column(ForeignKey("updates.id"))

@@ -55,6 +55,7 @@ class Settings:
 
     strategy: str = "fedbip"
     group_threshold: float = 0.1
+    similarity_memory: float = 0.7  # weight of the index's past value when a vector changes
     staleness_exponent: float = 0.5
     max_adapter_bytes: int = 64 * 2**20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -41,6 +41,7 @@ def local_store(tmp_path) -> LocalFolderStore:
 
 
 # --- services: settings for the two deployments -------------------------------------------
+REDIS_URL = os.environ.get("FEDVEC_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 POSTGRES_ADMIN_URL = os.environ.get(
     "FEDVEC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -53,9 +54,8 @@ def unavailable(what: str, exc: BaseException) -> None:
     pytest.skip(f"{what} unavailable: {exc}")
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database per test, dropped afterwards."""
+def create_postgres_database() -> tuple[str, Callable[[], None]]:
+    """A fresh, empty PostgreSQL database: (url, drop)."""
     from sqlalchemy import create_engine, text
 
     name = f"fedvec_test_{uuid.uuid4().hex[:12]}"
@@ -66,13 +66,41 @@ def postgres_url() -> Iterator[str]:
     except Exception as exc:  # noqa: BLE001 - any connection problem
         unavailable("PostgreSQL at " + POSTGRES_ADMIN_URL, exc)
     url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    yield url
-    from services.db import get_engine
 
-    get_engine(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    def drop() -> None:
+        from services.db import get_engine
+
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database per test, dropped afterwards."""
+    url, drop = create_postgres_database()
+    yield url
+    drop()
+
+
+def redis_broker_url() -> str:
+    """A Redis database of its own for a test run's queues (emptied first)."""
+    import random
+
+    import redis
+
+    db = random.randint(1, 15)
+    url = f"{REDIS_URL}/{db}"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3)
+        client.flushdb()
+        client.close()
+    except Exception as exc:  # noqa: BLE001
+        unavailable("Redis at " + REDIS_URL, exc)
+    return url
 
 
 @pytest.fixture

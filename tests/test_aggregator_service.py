@@ -162,6 +162,17 @@ def test_synchronous_round_personalizes_within_groups(harness):
     ta = torch.cat([task_a[k].flatten() for k in sorted(task_a)])
     assert torch.nn.functional.cosine_similarity(flat, ta, dim=0) > 0.9
     assert abs(torch.nn.functional.cosine_similarity(flat, tb, dim=0)) < 0.3
+    # a second round moves the index by (1 - memory) toward the new cosines
+    with session_scope(harness.db) as s:
+        first = {(e.client_id, e.peer_id): e.cosine for e in s.scalars(select(SimilarityEdge))}
+    rid2 = harness.round(ids)
+    for c, t in zip(ids, reversed(taus), strict=True):
+        harness.agg.handle(harness.update(c, t, rid2).to_dict())
+    m = harness.settings.similarity_memory
+    with session_scope(harness.db) as s:
+        for e in s.scalars(select(SimilarityEdge)):
+            expected = m * first[(e.client_id, e.peer_id)] + (1 - m) * e.update_cosine
+            assert e.cosine == pytest.approx(expected)
     # objects are where the rows say, with the recorded checksum
     with session_scope(harness.db) as s:
         for row in s.scalars(select(PersonalizedAdapter)):

@@ -96,7 +96,7 @@ def test_enroll_list_and_json(settings, tmp_path):
         ('{"prompt": "x", "options": ["a", "b"], "answer": "a"}\n{not json\n', "line 2"),
         ('{"prompt": "x", "options": ["a", "b"], "answer": "c"}\n', "not one of the options"),
         ('{"prompt": "x", "options": ["a"], "answer": "a"}\n', "2 to 16 options"),
-        ('[1, 2]', "must be a JSON object"),
+        ("[1, 2]", "must be a JSON object"),
     ],
     ids=["missing", "empty", "malformed", "bad-answer", "one-option", "not-objects"],
 )

@@ -1,5 +1,7 @@
-"""End to end on the embedded default: a real Celery worker process and the aggregator
-process (no eager mode), 3 clients, 2 synchronous rounds, a few LoRA steps each."""
+"""End to end with a real Celery worker process and the aggregator process (no eager
+mode), 3 clients, 2 synchronous rounds, a few LoRA steps each: on the embedded default
+(SQLite, local folder, filesystem broker) and distributed (PostgreSQL, S3 server, Redis),
+the same code with other settings."""
 
 from __future__ import annotations
 
@@ -22,19 +24,26 @@ from services.client_data import load_examples
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
+from services.settings import load_settings
+from tests.conftest import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    create_postgres_database,
+    redis_broker_url,
+    unavailable,
+)
+from tests.s3_server import start_s3_server
 from workers.celery_app import make_app
 from workers.model import ModelRuntime, load_base_model
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One real run shared by the assertions below."""
+@pytest.fixture(scope="module", params=["embedded", "distributed"])
+def run(request, tmp_path_factory):
+    """One real run per deployment, shared by the assertions below."""
     home = tmp_path_factory.mktemp("e2e")
-    from services.settings import load_settings
-
-    settings = load_settings(environ={}).replace(
+    settings = load_settings(environ={}, dotenv=home / "no.env").replace(
         home=str(home),
         max_steps=3,
         batch_size=4,
@@ -42,6 +51,22 @@ def run(tmp_path_factory):
         torch_threads=1,
         strategy="fedbip",
     )
+    if request.param == "distributed":
+        url, drop = create_postgres_database()
+        request.addfinalizer(drop)
+        try:
+            endpoint, stop = start_s3_server()
+        except RuntimeError as exc:
+            unavailable("S3 test server", exc)
+        request.addfinalizer(stop)
+        settings = settings.replace(
+            database_url=url,
+            broker_url=redis_broker_url(),
+            object_store_url="s3://fedvec-e2e",
+            s3_endpoint=endpoint,
+            s3_access_key=S3_ACCESS_KEY,
+            s3_secret_key=S3_SECRET_KEY,
+        )
     clients = build_demo_clients(home / "data", train_per_client=16, test_per_client=8)
     chosen = [clients[0], clients[1], clients[3]]  # two news clients, one tweets client
     upgrade(settings.resolved_database_url)

@@ -322,3 +322,21 @@ def test_threshold_groups_deterministic_ties():
     sim = torch.tensor([[1.0, 0.5, 0.5], [0.5, 1.0, 0.5], [0.5, 0.5, 1.0]], dtype=torch.float64)
     assert threshold_groups(sim, 0.6) == [0, 1, 2]
     assert threshold_groups(sim, 0.5) == [0, 0, 0]
+
+
+def test_smoothed_similarity_remembers_and_keeps_unchanged_pairs():
+    from aggregator.similarity import smoothed_similarity
+
+    nan = float("nan")
+    now = torch.tensor([[1.0, 0.1, 0.0], [0.1, 1.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    prev = torch.tensor([[1.0, 0.5, nan], [0.5, 1.0, 0.2], [nan, 0.2, 1.0]], dtype=torch.float64)
+    unchanged = torch.zeros(3, 3, dtype=torch.bool)
+    unchanged[1, 2] = unchanged[2, 1] = True
+    out = smoothed_similarity(now, prev, unchanged, 0.75)
+    assert out[0, 1] == pytest.approx(0.75 * 0.5 + 0.25 * 0.1)  # blended
+    assert out[0, 2] == pytest.approx(0.0)  # no history: the new cosine
+    assert out[1, 2] == pytest.approx(0.2)  # nothing new: kept
+    assert torch.equal(out, out.T) and torch.all(out.diagonal() == 1)
+    assert torch.equal(smoothed_similarity(now, prev, unchanged, 0.0)[0, 1:2], now[0, 1:2])
+    with pytest.raises(ValueError):
+        smoothed_similarity(now, prev, unchanged, 1.0)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 16:30:58.944274
+Create Date: 2026-11-24 18:29:52.342330
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def upgrade() -> None:
         sa.Column("client_id", sa.Integer(), nullable=False),
         sa.Column("peer_id", sa.Integer(), nullable=False),
         sa.Column("cosine", sa.Float(), nullable=False),
+        sa.Column("update_cosine", sa.Float(), nullable=False),
         sa.Column("raw_cosine", sa.Float(), nullable=True),
         sa.Column("layer_cosines", sa.JSON(), nullable=True),
         sa.Column("update_id", sa.Integer(), nullable=False),
