@@ -20,7 +20,8 @@ from services.demo_data import (
     tweet_examples,
 )
 
-FLAN8 = Path("/work/shared/data/flan8")
+# where the settings look by default: shared/ beside the repository
+FLAN8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "flan8"
 DOMINANT = {
     "news-a": {"business", "tech"},
     "news-b": {"politics", "entertainment"},
