@@ -27,15 +27,15 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
 def start(command: str, settings: Settings, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
     """`fedvec <command>` as a child process, logging to log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", command, *extra],
-        env=settings_env(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=Path(__file__).resolve().parent.parent,
-        start_new_session=True,
-    )
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", command, *extra],
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+            start_new_session=True,
+        )
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
