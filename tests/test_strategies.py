@@ -22,24 +22,10 @@ from aggregator.task_vectors import (
     shapes,
     unflatten,
 )
+from tests.test_math import CLS, Q, make_sd
 
-P = "base_model.model."
-Q = P + "bert.encoder.layer.0.attention.self.query"
-V = P + "bert.encoder.layer.0.attention.self.value"
-CLS = P + "classifier"
 TASK = [0, 0, 1, 1]  # planted: clients 0,1 do task A; clients 2,3 do task B
 SIZES = [10, 30, 20, 40]
-
-
-def make_sd(gen: torch.Generator, scale: float = 1.0, r: int = 4, h: int = 16) -> dict:
-    return {
-        f"{Q}.lora_A.weight": torch.randn(r, h, generator=gen) * scale,
-        f"{Q}.lora_B.weight": torch.randn(h, r, generator=gen) * scale,
-        f"{V}.lora_A.weight": torch.randn(r, h, generator=gen) * scale,
-        f"{V}.lora_B.weight": torch.randn(h, r, generator=gen) * scale,
-        f"{CLS}.weight": torch.randn(3, h, generator=gen) * scale,
-        f"{CLS}.bias": torch.randn(3, generator=gen) * scale,
-    }
 
 
 def contribution(cid: int, base: dict, tau: dict, n: int, staleness: int = 0) -> Contribution:

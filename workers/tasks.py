@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[Message], None]
 
+_INITIAL_WRITTEN: set[str] = set()  # stores that hold the initial adapter already
+
 
 @dataclass(frozen=True)
 class CurrentAdapter:
@@ -61,12 +63,16 @@ def current_adapter(db_url: str, client_id: int) -> CurrentAdapter:
 def ensure_initial_adapter(store: ObjectStore, runtime: ModelRuntime, settings: Settings) -> None:
     """Write the shared starting adapter and its peft config once. Every worker computes
     the same bytes (seeded, on the CPU), so two workers racing here is harmless."""
+    if store.describe() in _INITIAL_WRITTEN:  # checked once per process, not per task
+        return
     if store.exists(ads.INITIAL_ADAPTER_KEY) and store.exists(ads.ADAPTER_CONFIG_KEY):
+        _INITIAL_WRITTEN.add(store.describe())
         return
     config = lora_config(settings).to_dict()
     config["target_modules"] = sorted(config["target_modules"])
     store.put(ads.ADAPTER_CONFIG_KEY, json.dumps(config, indent=2, default=list).encode())
     ads.put_state(store, ads.INITIAL_ADAPTER_KEY, runtime.initial_adapter())
+    _INITIAL_WRITTEN.add(store.describe())
 
 
 def load_current(store: ObjectStore, settings: Settings, current: CurrentAdapter) -> StateDict:
