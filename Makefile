@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-flan8 test lint clean
+.PHONY: install demo demo-flan8 test lint clean bench-latency
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 
 demo-flan8: install
 	$(BIN)/fedvec demo --dataset flan8
+
+# time from update.stored to the personalized adapter on Redis + PostgreSQL + S3
+bench-latency: install
+	$(BIN)/fedvec bench latency --updates 60
 
 lint: install
 	$(BIN)/ruff check .

@@ -47,7 +47,7 @@ from schema.models import (
 from services import adapter_store as ads
 from services import metrics
 from services.context import object_store
-from services.db import session_scope
+from services.db import exclusive, session_scope
 from services.object_store import ObjectNotFound
 from services.settings import Settings
 
@@ -94,16 +94,21 @@ class Aggregator:
             log.error("refused malformed event: %s", exc)
             metrics.EVENTS.labels(outcome="invalid").inc()
             return "invalid"
-        with session_scope(self.db_url) as s:
-            if s.get(ProcessedEvent, event.event_id) is not None:
-                log.info("event=%s update=%s duplicate, ignored", event.event_id, event.update_uid)
-                metrics.EVENTS.labels(outcome="duplicate").inc()
-                return "duplicate"
         t0 = time.perf_counter()
-        outcome = self._handle(event)
-        with session_scope(self.db_url) as s:
-            if s.get(ProcessedEvent, event.event_id) is None:
-                s.add(ProcessedEvent(event_id=event.event_id, kind=event.kind, outcome=outcome))
+        # Regrouping is serialized across aggregator processes, so two events handled at
+        # once can never both read the same index and lose one update's effect.
+        with exclusive(self.db_url, "fedvec-aggregator"):
+            with session_scope(self.db_url) as s:
+                if s.get(ProcessedEvent, event.event_id) is not None:
+                    log.info(
+                        "event=%s update=%s duplicate, ignored", event.event_id, event.update_uid
+                    )
+                    metrics.EVENTS.labels(outcome="duplicate").inc()
+                    return "duplicate"
+            outcome = self._handle(event)
+            with session_scope(self.db_url) as s:
+                if s.get(ProcessedEvent, event.event_id) is None:
+                    s.add(ProcessedEvent(event_id=event.event_id, kind=event.kind, outcome=outcome))
         metrics.EVENTS.labels(outcome=outcome).inc()
         log.info(
             "event=%s %s client=%s update=%s -> %s (%.3fs)",
@@ -443,11 +448,12 @@ class Aggregator:
                     select(Update).where(Update.status == "stored", Update.round_id.is_(None))
                 )
             )
-        for round_id in open_rounds:
-            if self._round_complete(round_id):
-                log.info("recovering round=%s", round_id)
-                self.aggregate(self._round_targets(round_id), round_id=round_id)
-        for update in pending:
+        with exclusive(self.db_url, "fedvec-aggregator"):
+            for round_id in open_rounds:
+                if self._round_complete(round_id):
+                    log.info("recovering round=%s", round_id)
+                    self.aggregate(self._round_targets(round_id), round_id=round_id)
+        for update in pending:  # handle() takes the lock itself
             log.info("recovering client=%s update=%s", update.client_id, update.uid)
             self.handle(UpdateStored(update.uid, update.client_id, None).to_dict())
 

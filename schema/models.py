@@ -150,6 +150,8 @@ class Evaluation(Base):
     uid: Mapped[str] = mapped_column(String(36), unique=True)
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), index=True)
     adapter_version: Mapped[int] = mapped_column(Integer)
+    # the score: accuracy for multiple-choice tasks, ROUGE-L F1 for generation tasks
+    metric: Mapped[str] = mapped_column(String(16), default="accuracy", server_default="accuracy")
     accuracy: Mapped[float] = mapped_column(Float)
     num_examples: Mapped[int] = mapped_column(Integer)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -205,7 +205,7 @@ def train(
     send = _send(settings)
     if async_:
         for c in chosen:
-            ops.send_train(send, TrainRequest(client_id=c.id))
+            ops.send_train(send, TrainRequest(client_id=c.id), site=c.site)
         click.echo(f"sent {len(chosen)} asynchronous training requests")
         return
     if rounds > 1 and not wait:
@@ -351,17 +351,36 @@ def export(
 
 # --- processes -------------------------------------------------------------------------
 @cli.command()
+@click.option(
+    "--site",
+    default=None,
+    help="consume only this site's queue (clients enrolled with --site SITE); "
+    "default: FEDVEC_SITE, else the shared pool",
+)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: FEDVEC_DEVICE)")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.pass_context
-def worker(ctx: click.Context, loglevel: str) -> None:
-    """Run a training worker (consumes the train queue; one model per process)."""
+def worker(ctx: click.Context, site: str | None, device: str | None, loglevel: str) -> None:
+    """Run a training worker: fine-tunes and evaluates clients, one task at a time, with
+    the model loaded once per process. Run one per GPU (`--device cuda:N`).
+
+    A worker serves either the shared pool or one site: a client enrolled with
+    `--site SITE` is only ever trained by `fedvec worker --site SITE`, so its data never
+    leaves that site's machines."""
     from services.metrics import serve
-    from workers.celery_app import TRAIN_QUEUE, app, worker_argv
+    from workers.celery_app import app, train_queue, worker_argv
 
     settings = _settings(ctx)
+    if site is not None:
+        settings = settings.replace(site=site)
+    if device is not None:
+        settings = settings.replace(device=device)
     _check_db(settings)
+    app.fedvec_settings = settings  # type: ignore[attr-defined]
     serve(settings.metrics_port)
-    app.worker_main(worker_argv(TRAIN_QUEUE, name="train", loglevel=loglevel))
+    queue = train_queue(settings.site)
+    click.echo(f"worker on {settings.device}, queue {queue!r}", err=True)
+    app.worker_main(worker_argv(queue, name=queue, loglevel=loglevel))
 
 
 @cli.command()
@@ -378,6 +397,26 @@ def aggregator(ctx: click.Context, loglevel: str) -> None:
     serve(settings.metrics_port)
     get_aggregator().recover()
     app.worker_main(worker_argv(AGGREGATE_QUEUE, name="aggregate", loglevel=loglevel))
+
+
+@cli.command()
+@click.option(
+    "--port", type=int, default=None, help="HTTP port for /metrics (default: FEDVEC_METRICS_PORT)"
+)
+@click.pass_context
+def metrics(ctx: click.Context, port: int | None) -> None:
+    """Serve database-derived gauges for Prometheus: enrolled clients, updates by status,
+    personalized adapters, groups and queue depths (one exporter per deployment; workers
+    and the aggregator expose their own counters on FEDVEC_METRICS_PORT)."""
+    from services.metrics_exporter import run_exporter
+
+    settings = _settings(ctx)
+    _check_db(settings)
+    port = port if port is not None else settings.metrics_port
+    if port <= 0:
+        raise ops.OperationError("give --port or FEDVEC_METRICS_PORT")
+    click.echo(f"serving metrics on :{port}/metrics", err=True)
+    run_exporter(settings, port)
 
 
 @cli.command()
@@ -425,6 +464,53 @@ def demo(
         train_per_client=train_per_client,
         test_per_client=test_per_client,
         out_dir=Path(out_dir) if out_dir else settings.home_path / "demo",
+        echo=(lambda _m: None) if as_json else click.echo,
+    )
+    if as_json:
+        _echo_json(result)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print measured figures (see README "Performance")."""
+
+
+@bench.command("latency")
+@click.option("--updates", default=60, show_default=True, help="asynchronous updates to send")
+@click.option("--clients", default=4, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="worker processes to start")
+@click.option("--max-steps", default=2, show_default=True, help="LoRA steps per update")
+@click.option("--out", "out_dir", default=None, help="folder for data and logs")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def bench_latency(
+    ctx: click.Context,
+    updates: int,
+    clients: int,
+    workers: int,
+    max_steps: int,
+    out_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Time from `update.stored` to the client's new personalized adapter, on Redis +
+    PostgreSQL + S3 with real worker and aggregator processes (p50/p95 over UPDATES).
+
+    Uses FEDVEC_DATABASE_URL, FEDVEC_BROKER_URL and FEDVEC_S3_* when set; otherwise a
+    fresh database on the local PostgreSQL, the local Redis and moto's S3 server."""
+    import tempfile
+
+    from services.bench_latency import run_latency_bench
+
+    settings = _settings(ctx).replace(
+        max_steps=max_steps, batch_size=4, max_length=48, torch_threads=1
+    )
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedvec-bench-"))
+    result = run_latency_bench(
+        settings,
+        updates=updates,
+        clients=clients,
+        workers=workers,
+        out_dir=out.resolve(),
         echo=(lambda _m: None) if as_json else click.echo,
     )
     if as_json:

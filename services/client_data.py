@@ -1,10 +1,14 @@
-"""Client data files: multiple-choice records, checked whole before anything uses them.
+"""Client data files: multiple-choice or generation records, checked whole before anything
+uses them.
 
-A record is ``{"prompt": str, "options": [str, ...], "answer": str}`` (the answer is one
-of 2 to 16 unique options). A file is JSON Lines (one object a line, blank lines ignored)
-or a JSON list of objects. FLAN records (``instruction`` listing its answers after an
-``OPTIONS:`` line as ``- answer`` lines, ``output`` the gold answer) are converted.
-Anything wrong is a :class:`ClientDataError` naming the file, the record and the problem.
+A multiple-choice record is ``{"prompt": str, "options": [str, ...], "answer": str}`` (the
+answer is one of 2 to 16 unique options); a generation record is ``{"prompt": str,
+"answer": str}`` (no "options" key; the answer is the target text). A file is JSON Lines
+(one object a line, blank lines ignored) or a JSON list of objects, and holds one kind of
+record only (a client has one task). FLAN records (``instruction``, ``output`` the gold
+answer) are converted: multiple-choice when the instruction lists its answers after an
+``OPTIONS:`` line as ``- answer`` lines, generation otherwise. Anything wrong is a
+:class:`ClientDataError` naming the file, the record and the problem.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 MAX_RECORDS = 100_000
 MAX_FIELD_CHARS = 20_000
 MAX_FILE_BYTES = 200 * 2**20
 MIN_OPTIONS = 2
 MAX_OPTIONS = 16
+
+MULTIPLE_CHOICE = "multiple_choice"
+GENERATION = "generation"
+TaskKind = Literal["multiple_choice", "generation"]
 
 
 class ClientDataError(ValueError):
@@ -30,14 +38,37 @@ class ClientDataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
+    """A multiple-choice example, or with ``options == ()`` a generation example whose
+    ``answer`` is the target text."""
+
     prompt: str
     options: tuple[str, ...]
     answer: str
 
     @property
+    def is_generation(self) -> bool:
+        return not self.options
+
+    @property
     def label(self) -> int:
         """Index of the answer among the options."""
+        if self.is_generation:
+            raise ValueError(
+                "a generation example has no option label: its answer is free text "
+                f"({_short(self.answer, 60)})"
+            )
         return self.options.index(self.answer)
+
+
+def task_kind(examples: Iterable[Example]) -> TaskKind:
+    """The task kind of `examples`: "multiple_choice" or "generation". A ValueError for no
+    examples or a mix of the two."""
+    kinds = {GENERATION if ex.is_generation else MULTIPLE_CHOICE for ex in examples}
+    if not kinds:
+        raise ValueError("no examples: the task kind is undefined")
+    if len(kinds) > 1:
+        raise ValueError("the examples mix multiple-choice and generation tasks")
+    return kinds.pop()
 
 
 def _short(value: Any, limit: int = 120) -> str:
@@ -59,7 +90,8 @@ def _type_name(value: Any) -> str:
 
 
 def _flan(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """FLAN record -> prompt/options/answer (options listed after an `OPTIONS:` line)."""
+    """FLAN record -> prompt/options/answer (options listed after an `OPTIONS:` line), or
+    prompt/answer for a generation task (no `OPTIONS:` line)."""
     for key in ("instruction", "output"):
         if key not in record:
             raise ClientDataError(f"{where}: FLAN record without {key!r}")
@@ -70,12 +102,7 @@ def _flan(record: dict[str, Any], where: str) -> dict[str, Any]:
     lines = record["instruction"].split("\n")
     stripped = [ln.strip() for ln in lines]
     if "OPTIONS:" not in stripped:
-        task = record.get("task")
-        named = f" ({task})" if isinstance(task, str) and task else ""
-        raise ClientDataError(
-            f"{where}: FLAN record without an OPTIONS: list is a generation task{named}; "
-            "generation tasks need the causal-LM path and are not supported by the encoder"
-        )
+        return {"prompt": record["instruction"].strip(), "answer": record["output"].strip()}
     cut = stripped.index("OPTIONS:")
     options = [ln[2:].strip() for ln in stripped[cut + 1 :] if ln.startswith("- ")]
     return {
@@ -90,14 +117,18 @@ def _example(record: Any, where: str) -> Example:
         raise ClientDataError(f"{where}: a record must be a JSON object, got {_type_name(record)}")
     if "instruction" in record and "prompt" not in record:
         record = _flan(record, where)
-    for key, kind in (("prompt", str), ("options", list), ("answer", str)):
+    # No "options" key at all makes a generation record; an empty list is still refused.
+    generation = "options" not in record
+    fields = (("prompt", str), ("answer", str)) + (() if generation else (("options", list),))
+    for key, kind in fields:
         if key not in record:
             raise ClientDataError(f"{where}: missing field {key!r}")
         if not isinstance(record[key], kind):
             want = "a string" if kind is str else "a list of strings"
             got = _type_name(record[key])
             raise ClientDataError(f"{where}: {key!r} must be {want}, got {got}")
-    prompt, options, answer = record["prompt"], record["options"], record["answer"]
+    prompt, answer = record["prompt"], record["answer"]
+    options = [] if generation else record["options"]
     for i, option in enumerate(options):
         if not isinstance(option, str):
             raise ClientDataError(
@@ -112,6 +143,10 @@ def _example(record: Any, where: str) -> Example:
             )
     if not prompt.strip():
         raise ClientDataError(f"{where}: 'prompt' is empty")
+    if generation:
+        if not answer.strip():
+            raise ClientDataError(f"{where}: 'answer' is empty")
+        return Example(prompt=prompt, options=(), answer=answer)
     if not MIN_OPTIONS <= len(options) <= MAX_OPTIONS:
         raise ClientDataError(
             f"{where}: needs {MIN_OPTIONS} to {MAX_OPTIONS} options, got {len(options)}"
@@ -216,7 +251,24 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     records = _records(p, text)
     if not records:
         raise ClientDataError(f"{p}: no records")
-    return [_example(r, where) for r, where in records]
+    examples = [_example(r, where) for r, where in records]
+    _check_one_kind(p, examples, [where for _, where in records])
+    return examples
+
+
+def _check_one_kind(p: Path, examples: list[Example], wheres: list[str]) -> None:
+    """A client has one task, scored one way: a file must not mix the two kinds."""
+    first = examples[0].is_generation
+    for ex, where in zip(examples, wheres, strict=True):
+        if ex.is_generation != first:
+            kind, other = "generation", "multiple-choice"
+            if not ex.is_generation:
+                kind, other = other, kind
+            first_where = wheres[0].removeprefix(f"{p} ")
+            raise ClientDataError(
+                f"{where}: a {kind} record, but the file starts with {other} records "
+                f"({first_where}); a client's file must hold one kind of task"
+            )
 
 
 def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> None:
@@ -226,15 +278,18 @@ def write_jsonl(path: str | os.PathLike, examples: Iterable[Example]) -> None:
     tmp = p.with_name(p.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for ex in examples:
-            row = {"prompt": ex.prompt, "options": list(ex.options), "answer": ex.answer}
+            row: dict[str, Any] = {"prompt": ex.prompt, "answer": ex.answer}
+            if not ex.is_generation:
+                row["options"] = list(ex.options)
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(p)
 
 
 def summarize(examples: Iterable[Example]) -> dict[str, Any]:
-    """count, the set of options seen (sorted), and how often each answer is the label."""
+    """count, the set of options seen (sorted), and how often each answer is the label
+    (multiple-choice only: generation answers are free text, so `labels` is empty)."""
     examples = list(examples)
-    labels = Counter(ex.answer for ex in examples)
+    labels = Counter(ex.answer for ex in examples if not ex.is_generation)
     return {
         "count": len(examples),
         "options": sorted({o for ex in examples for o in ex.options}),

@@ -3,6 +3,9 @@ SQLAlchemy; the schema is created and changed only by Alembic migrations."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -12,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
@@ -61,6 +64,37 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def exclusive(url: str, name: str) -> Iterator[None]:
+    """Only one process at a time runs the block, whatever the database: PostgreSQL holds a
+    session advisory lock on a connection of its own for the block's duration; SQLite (one
+    machine) locks a file beside the database."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        lock_path = Path(path + f".{name}.lock") if path and path != ":memory:" else None
+        if lock_path is None:
+            yield
+            return
+        with open(lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    with get_engine(url).connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            # a dropped connection releases the lock on the server by itself
+            with contextlib.suppress(Exception):
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
 
 
 def alembic_config(url: str) -> Config:

@@ -232,7 +232,8 @@ def build_demo_clients(
     return clients
 
 
-FLAN8_MULTIPLE_CHOICE = (0, 1, 2, 3, 4, 7)  # 5 and 6 are generation tasks
+# the default: 5 and 6 are generation tasks, for FEDVEC_MODEL_KIND=causal-lm only
+FLAN8_MULTIPLE_CHOICE = (0, 1, 2, 3, 4, 7)
 
 
 def _flan8_missing(what: Path, root: Path) -> FileNotFoundError:
@@ -257,8 +258,8 @@ def build_flan8_clients(
     test_per_client: int | None = None,
     clients: tuple[int, ...] = FLAN8_MULTIPLE_CHOICE,
 ) -> list[DemoClient]:
-    """flan8's multiple-choice clients, converted (the folder is read, never copied);
-    client K's test split is the test records of its task. None = all records."""
+    """flan8's clients (by default the multiple-choice ones), converted (the folder is read,
+    never copied); client K's test split is the test records of its task. None = all records."""
     root = Path(flan8_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(

@@ -25,6 +25,10 @@ FINETUNE_SECONDS = Histogram(
     "fedvec_finetune_seconds", "Worker fine-tune duration", buckets=(1, 5, 10, 30, 60, 300, 900)
 )
 
+TASK_RETRIES = Counter(
+    "fedvec_task_retries_total", "Tasks retried after a transient S3 or database error", ["task"]
+)
+
 
 def serve(port: int) -> None:
     """Expose /metrics of this process on `port` (0: do nothing)."""

@@ -48,6 +48,22 @@ class ObjectNotFound(ObjectStoreError):
     """The key has no object in the store."""
 
 
+class TransientStoreError(ObjectStoreError):
+    """The store could not be reached or was busy: trying again later may succeed."""
+
+
+# S3 answers that mean "busy or down for now", not "your request is wrong"
+_S3_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "XMinioServerNotInitialized",
+    }
+)
+
+
 def validate_key(key: str) -> str:
     """Return `key` if it is a clean relative "/"-separated path, else raise ValueError."""
     if not isinstance(key, str):
@@ -317,10 +333,15 @@ class S3Store(ObjectStore):
         except S3Error as exc:
             if exc.code in _S3_MISSING_CODES and key:
                 raise self._not_found(key) from None
-            raise ObjectStoreError(
+            kind = TransientStoreError if exc.code in _S3_TRANSIENT_CODES else ObjectStoreError
+            raise kind(
                 f"{_what(action, key)} in {self.describe()} failed: {exc.code}: {exc.message}"
             ) from exc
-        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # connection refused, reset...
+            raise TransientStoreError(
+                f"{_what(action, key)} in {self.describe()} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        except MinioException as exc:
             raise ObjectStoreError(
                 f"{_what(action, key)} in {self.describe()} failed: {type(exc).__name__}: {exc}"
             ) from exc

@@ -25,7 +25,7 @@ from schema.models import (
     Round,
     Update,
 )
-from services.client_data import ClientDataError, load_examples
+from services.client_data import ClientDataError, load_examples, task_kind
 from services.context import object_store
 from services.db import session_scope
 from services.settings import Settings
@@ -53,11 +53,24 @@ def enroll(
             f"client name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+    if not NAME_RE.match(site):
+        raise OperationError(
+            f"site {site!r} is not valid: use 1-64 letters, digits, '.', '_' or '-' "
+            "(it names the site's queue)"
+        )
     try:
         examples = load_examples(data)
         test_examples = load_examples(test) if test else []
+        kinds = {task_kind(examples)} | ({task_kind(test_examples)} if test_examples else set())
     except ClientDataError as exc:
         raise OperationError(f"cannot enroll {name}: {exc}") from None
+    if len(kinds) > 1:
+        raise OperationError(f"cannot enroll {name}: training and test data are different kinds")
+    if "generation" in kinds and settings.model_kind != "causal-lm":
+        raise OperationError(
+            f"cannot enroll {name}: its data is a generation task (no options), which needs "
+            "a causal language model: set FEDVEC_MODEL_KIND=causal-lm and FEDVEC_MODEL_PATH"
+        )
     row = Client(
         name=name,
         task=task or Path(data).parent.name,
@@ -124,14 +137,15 @@ def start_round(settings: Settings, clients: list[Client], send: Callable[..., A
         s.flush()
         round_id = rnd.id
     for c in clients:
-        send_train(send, TrainRequest(client_id=c.id, round_id=round_id))
+        send_train(send, TrainRequest(client_id=c.id, round_id=round_id), site=c.site)
     return round_id
 
 
-def send_train(send: Callable[..., Any], req: TrainRequest) -> None:
-    from workers.celery_app import TRAIN_TASK
+def send_train(send: Callable[..., Any], req: TrainRequest, *, site: str) -> None:
+    """To the queue of the client's site: only workers there read its data."""
+    from workers.celery_app import TRAIN_TASK, train_queue
 
-    send(TRAIN_TASK, args=[req.to_dict()])
+    send(TRAIN_TASK, args=[req.to_dict()], queue=train_queue(site))
 
 
 @dataclass
@@ -213,14 +227,14 @@ def evaluate(
     timeout: float = 600,
     show: bool = True,
 ) -> list[dict[str, Any]]:
-    from workers.celery_app import EVALUATE_TASK
+    from workers.celery_app import EVALUATE_TASK, train_queue
 
     missing = [c.name for c in clients if not c.test_path]
     if missing:
         raise OperationError(f"clients enrolled without --test cannot be evaluated: {missing}")
     requests = [EvaluateRequest(client_id=c.id, max_examples=max_examples) for c in clients]
-    for r in requests:
-        send(EVALUATE_TASK, args=[r.to_dict()])
+    for c, r in zip(clients, requests, strict=True):
+        send(EVALUATE_TASK, args=[r.to_dict()], queue=train_queue(c.site))
     uids = [r.request_id for r in requests]
 
     def done() -> tuple[bool, int]:

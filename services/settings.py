@@ -35,9 +35,20 @@ class Settings:
     s3_region: str = ""
     broker_url: str = ""  # default: filesystem transport under <home>/broker ; or redis://
     broker_polling_interval: float = 0.1  # filesystem transport only (seconds)
+    # Redis: an unacknowledged task (its worker died) is redelivered after this many seconds.
+    # Longer than the longest fine-tune, or a slow task is started twice (harmless: the
+    # handlers are idempotent by update id, but it wastes a GPU).
+    broker_visibility_timeout: float = 3600.0
+    site: str = ""  # this worker's site: "" consumes the shared pool, else only that site
+    task_max_retries: int = 5  # retries of a task after a transient S3 / database error
+    retry_backoff_max: float = 120.0  # seconds; retry delays double from 1 s up to this
 
     model_path: str = field(default_factory=_default_model_path)
+    model_kind: str = "encoder"  # "encoder" (option scoring head) or "causal-lm"
     device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    precision: str = "auto"  # "fp32", "bf16", "auto" (bf16 on a GPU that supports it)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    max_new_tokens: int = 64  # causal-lm generation tasks: tokens generated per answer
     torch_threads: int = 0  # 0: torch default
     lora_r: int = 8
     lora_alpha: int = 16

@@ -27,7 +27,10 @@ COMMANDS = [
     ["export"],
     ["worker"],
     ["aggregator"],
+    ["metrics"],
     ["demo"],
+    ["bench"],
+    ["bench", "latency"],
 ]
 
 
@@ -118,6 +121,25 @@ def test_bad_name_and_unknown_client(settings, tmp_path):
     result = run(settings, "export", "nobody", str(tmp_path / "out"))
     assert result.exit_code == 2 and "unknown client 'nobody'" in result.output
     assert clients_in_db(settings) == 0
+
+
+def test_bad_site_and_generation_data_for_an_encoder_are_refused(settings, tmp_path):
+    data = write(tmp_path / "train.jsonl", GOOD)
+    result = run(settings, "enroll", "alice", "--data", str(data), "--site", "a b")
+    assert result.exit_code == 2 and "site 'a b' is not valid" in result.output
+    gen = write(tmp_path / "gen.jsonl", [{"prompt": "fix: a,b", "answer": "a, b"}] * 2)
+    result = run(settings, "enroll", "bob", "--data", str(gen))
+    assert result.exit_code == 2 and "FEDVEC_MODEL_KIND=causal-lm" in result.output
+    assert clients_in_db(settings) == 0
+    causal = settings.replace(model_kind="causal-lm")
+    result = run(causal, "enroll", "bob", "--data", str(gen), "--site", "hospital-a", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["site"] == "hospital-a"
+
+
+def test_worker_options_are_documented():
+    result = CliRunner().invoke(cli, ["worker", "--help"])
+    assert "--site" in result.output and "--device" in result.output
 
 
 def test_commands_refuse_an_unmigrated_database(tmp_path):

@@ -14,10 +14,12 @@ from services.client_data import (
     example_from_record,
     load_examples,
     summarize,
+    task_kind,
     write_jsonl,
 )
 
 GOOD = {"prompt": "Shares rose 5%", "options": ["business", "tech"], "answer": "business"}
+GEN = {"prompt": "Add punctuation: hello world", "answer": "Hello, world."}
 FLAN_INSTRUCTION = (
     "Sentence 1: The two streets connect.\nSentence 2: Our computers connected.\n"
     "Does connect mean the same thing in these two sentences?\n"
@@ -28,6 +30,12 @@ FLAN = {
     "output": "different meanings",
     "task": "wic",
     "category": "word_disambiguation",
+}
+FLAN_GEN = {
+    "instruction": "Add punctuation to the following sentence: Doctors diagnose it\n",
+    "output": "Doctors diagnose it. ",
+    "task": "fix_punct",
+    "category": "text_formatting",
 }
 
 
@@ -104,6 +112,80 @@ def test_write_jsonl_round_trip_and_summarize(tmp_path):
     assert load_examples(path) == examples
     summary = summarize(examples)
     assert summary == {"count": 3, "options": ["a", "b", "c"], "labels": {"c": 2, "a": 1}}
+    assert task_kind(examples) == "multiple_choice"
+
+
+# --- generation records ---
+
+
+def test_generation_record_without_options(tmp_path):
+    examples = load_examples(jsonl(tmp_path, GEN, dict(GEN, id=3)))
+    assert examples == [Example("Add punctuation: hello world", (), "Hello, world.")] * 2
+    assert examples[0].is_generation and not Example("p", ("a", "b"), "a").is_generation
+    assert task_kind(examples) == "generation"
+    with pytest.raises(ValueError, match="generation example has no option label"):
+        _ = examples[0].label
+
+
+def test_flan_record_without_options_is_generation(tmp_path):
+    [ex] = load_examples(jsonl(tmp_path, FLAN_GEN))
+    assert ex == Example(
+        "Add punctuation to the following sentence: Doctors diagnose it", (), "Doctors diagnose it."
+    )
+    assert ex.is_generation
+
+
+def test_generation_round_trip_and_summarize(tmp_path):
+    examples = [Example("é ünïcode", (), "target one"), Example("two", (), "target two")]
+    path = tmp_path / "gen.jsonl"
+    write_jsonl(path, examples)
+    assert "options" not in path.read_text(encoding="utf-8")
+    assert load_examples(path) == examples
+    assert summarize(examples) == {"count": 2, "options": [], "labels": {}}
+
+
+def test_task_kind_refuses_nothing_and_mixtures():
+    with pytest.raises(ValueError, match="no examples"):
+        task_kind([])
+    with pytest.raises(ValueError, match="mix"):
+        task_kind([Example("p", (), "t"), Example("p", ("a", "b"), "a")])
+
+
+@pytest.mark.parametrize(
+    ("rows", "words"),
+    [
+        ((GOOD, GOOD, GEN), ("line 3", "a generation record", "multiple-choice records (line 1)")),
+        ((FLAN_GEN, FLAN), ("line 2", "a multiple-choice record", "generation records (line 1)")),
+    ],
+)
+def test_file_mixing_the_two_kinds_is_refused(tmp_path, rows, words):
+    refused(jsonl(tmp_path, *rows), *words, "one kind of task")
+
+
+def test_mixed_json_list_names_records(tmp_path):
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([GEN, GOOD]))
+    refused(path, "record 2", "generation records (record 1)")
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ({"prompt": "p"}, ("missing field 'answer'",)),
+        ({"answer": "a"}, ("missing field 'prompt'",)),
+        (dict(GEN, answer=" \n"), ("'answer' is empty",)),
+        (dict(GEN, prompt=""), ("'prompt' is empty",)),
+        (dict(GEN, answer=["a"]), ("'answer' must be a string", "got a list")),
+        (dict(GEN, options=[]), ("needs 2 to 16 options", "got 0")),
+    ],
+)
+def test_bad_generation_record(tmp_path, record, words):
+    refused(jsonl(tmp_path, record), "line 1", *words)
+
+
+def test_generation_field_too_long(tmp_path, monkeypatch):
+    monkeypatch.setattr(client_data, "MAX_FIELD_CHARS", 50)
+    refused(jsonl(tmp_path, dict(GEN, answer="x" * 51)), "answer is 51 characters")
 
 
 # --- what is refused ---
@@ -164,7 +246,7 @@ def test_record_not_an_object(tmp_path, record):
     refused(jsonl(tmp_path, GOOD, record), "line 2", "must be a JSON object")
 
 
-@pytest.mark.parametrize("field", ["prompt", "options", "answer"])
+@pytest.mark.parametrize("field", ["prompt", "answer"])
 def test_missing_field(tmp_path, field):
     record = {k: v for k, v in GOOD.items() if k != field}
     refused(jsonl(tmp_path, record), "line 1", "missing field", repr(field))
@@ -257,16 +339,6 @@ def test_undecodable_utf8(tmp_path):
     refused(path, "line 2", "not valid UTF-8")
 
 
-def test_flan_generation_task_is_refused(tmp_path):
-    record = {
-        "instruction": "Add punctuation to the following sentence: Doctors diagnose it",
-        "output": "Doctors diagnose it.",
-        "task": "fix_punct",
-        "category": "text_formatting",
-    }
-    refused(jsonl(tmp_path, record), "line 1", "generation task", "causal-LM", "not supported")
-
-
 def test_flan_answer_not_in_options(tmp_path):
     refused(jsonl(tmp_path, dict(FLAN, output="maybe")), "line 1", "'maybe' is not one of")
 
@@ -283,3 +355,4 @@ def test_example_from_record_uses_where():
     assert example_from_record(FLAN, "here").label == 0
     with pytest.raises(ClientDataError, match=r"^somewhere record 9: missing field 'answer'"):
         example_from_record({"prompt": "p", "options": ["a", "b"]}, "somewhere record 9")
+    assert example_from_record(FLAN_GEN, "here").is_generation

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services import demo_data
-from services.client_data import ClientDataError, load_examples
+from services.client_data import load_examples
 from services.demo_data import (
     FLAN8_MULTIPLE_CHOICE,
     SENTIMENTS,
@@ -167,9 +167,10 @@ def test_flan8_limits_and_task_match(tmp_path):
 
 
 @needs_flan8
-def test_flan8_generation_client_is_refused(tmp_path):
-    with pytest.raises(ClientDataError, match="generation task"):
-        build_flan8_clients(FLAN8, tmp_path, clients=(5,))
+def test_flan8_generation_client_is_converted(tmp_path):
+    [c] = build_flan8_clients(FLAN8, tmp_path, train_per_client=5, test_per_client=5, clients=(5,))
+    examples = load_examples(c.train_path)
+    assert len(examples) == 5 and all(ex.is_generation for ex in examples)
 
 
 def test_flan8_missing_dir(tmp_path):

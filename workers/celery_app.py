@@ -1,11 +1,14 @@
 """The Celery app shared by the CLI (which only sends), the training workers and the
-aggregator. Two queues: `train` (fine-tune and evaluate, GPU workers) and `aggregate`
-(update events, one consumer). The broker is Redis in a deployment and kombu's
-filesystem transport in the embedded default: only settings differ."""
+aggregator. Queues: `train` (fine-tune and evaluate: the shared GPU pool), `train.SITE`
+(the same for clients enrolled at SITE: only that site's workers read their data) and
+`aggregate` (update events, one consumer). The broker is Redis in a deployment and
+kombu's filesystem transport in the embedded default: only settings differ."""
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -15,10 +18,16 @@ from services.settings import Settings, load_settings
 TRAIN_QUEUE = "train"
 AGGREGATE_QUEUE = "aggregate"
 QUEUES = (TRAIN_QUEUE, AGGREGATE_QUEUE)
+SHARED_SITES = ("", "default")  # clients and workers of no particular site: the shared pool
 
 TRAIN_TASK = "fedvec.train"
 EVALUATE_TASK = "fedvec.evaluate"
 AGGREGATE_TASK = "fedvec.aggregate"
+
+
+def train_queue(site: str) -> str:
+    """The queue of a site's training work (a client's private data is read only there)."""
+    return TRAIN_QUEUE if site in SHARED_SITES else f"{TRAIN_QUEUE}.{site}"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -40,6 +49,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
     }
+    if broker.startswith(("redis://", "rediss://")):
+        # how long an unacknowledged task (its worker died) waits before redelivery
+        timeout = settings.broker_visibility_timeout
+        conf["broker_transport_options"] = {
+            "visibility_timeout": timeout,
+            # sweep for such tasks every few seconds (kombu's default: every ~100 s)
+            "unacked_restore_interval": max(1.0, min(10.0, timeout / 4)),
+            "unacked_restore_throttle": 1,
+        }
     if broker.startswith("filesystem://"):
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
@@ -79,7 +97,7 @@ def worker_argv(queue: str, *, name: str, loglevel: str = "INFO") -> list[str]:
         "--concurrency",
         "1",
         "-n",
-        f"{name}@{socket.gethostname()}",
+        f"{name}-{os.getpid()}@{socket.gethostname()}",  # several workers per host
         "--loglevel",
         loglevel,
         "--without-gossip",
@@ -88,17 +106,17 @@ def worker_argv(queue: str, *, name: str, loglevel: str = "INFO") -> list[str]:
     ]
 
 
-def queue_depths(celery_app: Celery) -> dict[str, int | None]:
+def queue_depths(celery_app: Celery, queues: Sequence[str] = QUEUES) -> dict[str, int | None]:
     """Messages waiting per queue (None where the broker cannot tell)."""
     depths: dict[str, int | None] = {}
     try:
         with celery_app.connection_for_read() as conn:
             channel = conn.default_channel
-            for q in QUEUES:
+            for q in queues:
                 try:
                     depths[q] = channel.queue_declare(queue=q, passive=True).message_count
                 except Exception:
                     depths[q] = None
     except Exception:
-        return {q: None for q in QUEUES}
+        return {q: None for q in queues}
     return depths

@@ -1,14 +1,21 @@
-"""The fine-tuned model: a frozen encoder, LoRA on its attention, and a shared scoring
-head. A multiple-choice example is scored as (prompt, option) pairs; the option with the
-highest score wins. Every client's task goes through the same head, so all clients share
-one parameter space and their task vectors can be compared.
+"""The fine-tuned model: a frozen base model with LoRA, in one of two kinds.
 
-One `ModelRuntime` per process: the base model is loaded once, and each task swaps in
-the client's adapter weights (LoRA + head) with `set_peft_model_state_dict`.
+- ``encoder`` (CPU, tests, demo): a frozen encoder, LoRA on its attention and a shared
+  scoring head. A multiple-choice example is scored as (prompt, option) pairs; the option
+  with the highest score wins. Every client's task goes through the same head, so all
+  clients share one parameter space and their task vectors can be compared.
+- ``causal-lm`` (GPU, the paper's setting): any Hugging Face causal LM with LoRA. Trained
+  on the token NLL of the answer given the prompt (as FedIT/FedDPA do); an option is
+  scored by the summed log-likelihood of its tokens, and a generation task by ROUGE-L of
+  greedy output.
+
+One runtime per process (`get_runtime`): the base model is loaded once, and each task
+swaps in the client's adapter weights with `set_peft_model_state_dict`.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -26,37 +33,99 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from aggregator.task_vectors import StateDict
-from services.client_data import Example
+from services.client_data import GENERATION, Example, task_kind
 from services.settings import Settings
+from workers.text_metrics import rouge_l
 
 log = logging.getLogger(__name__)
 
+ENCODER = "encoder"
+CAUSAL_LM = "causal-lm"
+MODEL_KINDS = (ENCODER, CAUSAL_LM)
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def model_kind(settings: Settings) -> str:
+    if settings.model_kind not in MODEL_KINDS:
+        raise ValueError(
+            f"setting FEDVEC_MODEL_KIND={settings.model_kind!r} is not one of {MODEL_KINDS}"
+        )
+    return settings.model_kind
+
+
+def resolve_precision(settings: Settings) -> torch.dtype:
+    """The dtype of the frozen base model. "auto" is bf16 on a CUDA device that supports
+    it, else fp32; "bf16" is honoured on any device (on the CPU it is slow but works)."""
+    if settings.precision not in PRECISIONS:
+        raise ValueError(
+            f"setting FEDVEC_PRECISION={settings.precision!r} is not one of {PRECISIONS}"
+        )
+    if settings.precision == "bf16":
+        return torch.bfloat16
+    if settings.precision == "auto":
+        device = torch.device(settings.device)
+        if (
+            device.type == "cuda"
+            and torch.cuda.is_available()
+            and torch.cuda.is_bf16_supported(including_emulation=False)
+        ):
+            return torch.bfloat16
+    return torch.float32
+
 
 def lora_config(settings: Settings) -> LoraConfig:
+    # SEQ_CLS makes the encoder's scoring head ("classifier") trainable and saved.
+    task = TaskType.SEQ_CLS if model_kind(settings) == ENCODER else TaskType.CAUSAL_LM
     return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
-        task_type=TaskType.SEQ_CLS,  # makes the scoring head ("classifier") trainable and saved
+        task_type=task,
         base_model_name_or_path=settings.model_path,
     )
 
 
-def load_base_model(model_path: str, dropout: float | None = None) -> Any:
-    """The frozen base model with a one-score head. `dropout` (if given) replaces the
-    base model's own dropout rates."""
-    hf_logging.disable_progress_bar()  # a bar per load is noise in worker logs
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
-    model.config.problem_type = "regression"  # one score per (prompt, option) pair
+def metric_name(examples: Sequence[Example]) -> str:
+    """What `evaluate` scores these examples by: "rouge_l" for a generation task, else
+    "accuracy" (also for no examples)."""
+    if examples and task_kind(examples) == GENERATION:
+        return "rouge_l"
+    return "accuracy"
+
+
+def _set_dropout(model: torch.nn.Module, dropout: float | None) -> None:
     if dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = dropout
+
+
+def load_base_model(
+    model_path: str, dropout: float | None = None, dtype: torch.dtype = torch.float32
+) -> Any:
+    """The frozen encoder with a one-score head. `dropout` (if given) replaces the base
+    model's own dropout rates."""
+    hf_logging.disable_progress_bar()  # a bar per load is noise in worker logs
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=1, dtype=dtype
+    )
+    model.config.problem_type = "regression"  # one score per (prompt, option) pair
+    _set_dropout(model, dropout)
+    return model
+
+
+def load_causal_lm(
+    model_path: str, dropout: float | None = None, dtype: torch.dtype = torch.float32
+) -> Any:
+    """The frozen causal LM. `dropout` (if given) replaces its nn.Dropout rates."""
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    _set_dropout(model, dropout)
     return model
 
 
@@ -87,12 +156,27 @@ class TrainResult:
     duration_s: float
 
 
+def _to_float32_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # A float32 head after a bf16 base: cast its input up instead of the weights down.
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 class ModelRuntime:
-    """The base model of this process with a LoRA adapter slot."""
+    """The base model of this process with a LoRA adapter slot.
+
+    `ModelRuntime(settings)` builds the runtime of `settings.model_kind`
+    (`EncoderRuntime` or `CausalLMRuntime`); both share this interface.
+    """
+
+    def __new__(cls, settings: Settings) -> ModelRuntime:
+        if cls is ModelRuntime:
+            cls = CausalLMRuntime if model_kind(settings) == CAUSAL_LM else EncoderRuntime
+        return super().__new__(cls)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = torch.device(settings.device)
+        self.dtype = resolve_precision(settings)
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         t0 = time.perf_counter()
@@ -100,20 +184,45 @@ class ModelRuntime:
         # Base-model dropout off by default: in short local runs its noise swamps the task
         # vector (measured on the demo data: cosine of two same-task clients 0.01 with
         # BERT's 0.1 dropout, 0.5 without), and similarity is what fedvec aggregates by.
-        base = load_base_model(
-            settings.model_path, None if settings.base_dropout < 0 else settings.base_dropout
+        dropout = None if settings.base_dropout < 0 else settings.base_dropout
+        base = self._load_base(dropout)
+        if settings.gradient_checkpointing:
+            # This also makes the frozen embeddings' output require grad, which the
+            # checkpointed layers need for the LoRA weights inside them to get gradients.
+            enable = getattr(base, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers before the rename
+                base.gradient_checkpointing_enable({"use_reentrant": False})
+                base.enable_input_require_grads()
+        self.model: PeftModel = get_peft_model(
+            base, lora_config(settings), autocast_adapter_dtype=True
         )
-        self.model: PeftModel = get_peft_model(base, lora_config(settings))
+        # Trainable weights stay float32 whatever the base precision: small updates to
+        # bf16 weights round away. peft does this for LoRA; the encoder's head needs it too.
+        for module in self.model.modules():
+            params = list(module.parameters(recurse=False))
+            if any(p.requires_grad and p.dtype != torch.float32 for p in params):
+                for p in params:
+                    p.data = p.data.float()
+                module.register_forward_pre_hook(_to_float32_input)
         self.model.to(self.device)
+        self.model.eval()
         self.keys = sorted(get_peft_model_state_dict(self.model))
         log.info(
-            "loaded %s with LoRA r=%d on %s in %.1fs (%d trainable parameters)",
+            "loaded %s (%s, %s on %s) with LoRA r=%d on %s in %.1fs (%d trainable parameters)",
             settings.model_path,
+            settings.model_kind,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
             settings.lora_r,
             settings.target_modules,
             time.perf_counter() - t0,
             self.num_trainable(),
         )
+
+    def _load_base(self, dropout: float | None) -> Any:
+        raise NotImplementedError
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -122,6 +231,7 @@ class ModelRuntime:
         return initial_adapter(self.adapter_state(), self.settings.lora_init_seed)
 
     def adapter_state(self) -> StateDict:
+        """The adapter weights, always CPU float32 (what is stored and compared)."""
         return {
             k: v.detach().to("cpu", torch.float32).clone()
             for k, v in get_peft_model_state_dict(self.model).items()
@@ -136,49 +246,31 @@ class ModelRuntime:
         if result.unexpected_keys:
             raise ValueError(f"adapter has unexpected keys {result.unexpected_keys[:3]}")
 
-    # --- scoring ----------------------------------------------------------------------
-    def _pair_scores(self, examples: Sequence[Example]) -> list[torch.Tensor]:
-        prompts = [ex.prompt for ex in examples for _ in ex.options]
-        options = [opt for ex in examples for opt in ex.options]
-        enc = self.tokenizer(
-            prompts,
-            options,
-            truncation="only_first",
-            max_length=self.settings.max_length,
-            padding=True,
-            return_tensors="pt",
-        ).to(self.device)
-        scores = self.model(**enc).logits.squeeze(-1).float()
-        return list(torch.split(scores, [len(ex.options) for ex in examples]))
+    def release_memory(self) -> None:
+        """Give back what a train/evaluate call left (a GPU worker lives for many tasks)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # --- per kind -----------------------------------------------------------------------
+    def check_examples(self, examples: Sequence[Example]) -> None:
+        """Raise ValueError for examples this runtime cannot train or evaluate on."""
 
     def loss(self, examples: Sequence[Example]) -> torch.Tensor:
-        losses = [
-            torch.nn.functional.cross_entropy(
-                s.unsqueeze(0), torch.tensor([ex.label], device=s.device)
-            )
-            for s, ex in zip(self._pair_scores(examples), examples, strict=True)
-        ]
-        return torch.stack(losses).mean()
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def predict(self, examples: Sequence[Example]) -> list[torch.Tensor]:
-        """Per example, the option scores (CPU float32)."""
-        self.model.eval()
-        out: list[torch.Tensor] = []
-        bs = self.settings.eval_batch_size
-        for i in range(0, len(examples), bs):
-            out.extend(s.cpu() for s in self._pair_scores(examples[i : i + bs]))
-        return out
+    def _evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
+        raise NotImplementedError
 
     def evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
-        """(accuracy, mean cross-entropy)."""
-        scores = self.predict(examples)
-        correct = sum(int(s.argmax()) == ex.label for s, ex in zip(scores, examples, strict=True))
-        loss = sum(
-            float(torch.nn.functional.cross_entropy(s.unsqueeze(0), torch.tensor([ex.label])))
-            for s, ex in zip(scores, examples, strict=True)
-        )
-        return correct / max(len(examples), 1), loss / max(len(examples), 1)
+        """(score, loss): accuracy or ROUGE-L F1 (see `metric_name`), and the mean loss."""
+        self.check_examples(examples)
+        if not examples:
+            return 0.0, 0.0
+        try:
+            return self._evaluate(examples)
+        finally:
+            self.release_memory()
 
     # --- training ---------------------------------------------------------------------
     def planned_steps(self, num_examples: int) -> int:
@@ -195,6 +287,21 @@ class ModelRuntime:
         progress: Callable[[int, int, float], None] | None = None,
     ) -> TrainResult:
         """Fine-tune from `start` on `examples`; returns the trained adapter."""
+        self.check_examples(examples)
+        try:
+            return self._train(start, examples, seed=seed, progress=progress)
+        finally:
+            self.model.eval()
+            self.release_memory()
+
+    def _train(
+        self,
+        start: StateDict,
+        examples: Sequence[Example],
+        *,
+        seed: int,
+        progress: Callable[[int, int, float], None] | None,
+    ) -> TrainResult:
         s = self.settings
         torch.manual_seed(seed)
         rng = random.Random(seed)
@@ -222,7 +329,7 @@ class ModelRuntime:
                 loss_sum += last_loss
                 if progress is not None:
                     progress(step, total, last_loss)
-        self.model.eval()
+        del opt  # its state is twice the adapter's size; train() then collects it
         return TrainResult(
             adapter=self.adapter_state(),
             steps=step,
@@ -232,14 +339,215 @@ class ModelRuntime:
         )
 
 
+class EncoderRuntime(ModelRuntime):
+    """Encoder + scoring head: multiple-choice only."""
+
+    def _load_base(self, dropout: float | None) -> Any:
+        return load_base_model(self.settings.model_path, dropout, self.dtype)
+
+    def check_examples(self, examples: Sequence[Example]) -> None:
+        for ex in examples:
+            if ex.is_generation:
+                raise ValueError(
+                    "the encoder model scores options and cannot generate text: "
+                    "generation tasks need FEDVEC_MODEL_KIND=causal-lm"
+                )
+
+    def _pair_scores(self, examples: Sequence[Example]) -> list[torch.Tensor]:
+        prompts = [ex.prompt for ex in examples for _ in ex.options]
+        options = [opt for ex in examples for opt in ex.options]
+        enc = self.tokenizer(
+            prompts,
+            options,
+            truncation="only_first",
+            max_length=self.settings.max_length,
+            padding=True,
+            return_tensors="pt",
+        ).to(self.device)
+        scores = self.model(**enc).logits.squeeze(-1).float()
+        return list(torch.split(scores, [len(ex.options) for ex in examples]))
+
+    def loss(self, examples: Sequence[Example]) -> torch.Tensor:
+        self.check_examples(examples)
+        losses = [
+            torch.nn.functional.cross_entropy(
+                s.unsqueeze(0), torch.tensor([ex.label], device=s.device)
+            )
+            for s, ex in zip(self._pair_scores(examples), examples, strict=True)
+        ]
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def predict(self, examples: Sequence[Example]) -> list[torch.Tensor]:
+        """Per example, the option scores (CPU float32)."""
+        self.check_examples(examples)
+        self.model.eval()
+        out: list[torch.Tensor] = []
+        bs = self.settings.eval_batch_size
+        for i in range(0, len(examples), bs):
+            out.extend(s.cpu() for s in self._pair_scores(examples[i : i + bs]))
+        return out
+
+    def _evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy over the options)."""
+        scores = self.predict(examples)
+        correct = sum(int(s.argmax()) == ex.label for s, ex in zip(scores, examples, strict=True))
+        loss = sum(
+            float(torch.nn.functional.cross_entropy(s.unsqueeze(0), torch.tensor([ex.label])))
+            for s, ex in zip(scores, examples, strict=True)
+        )
+        return correct / len(examples), loss / len(examples)
+
+
+# (token ids, number of leading context tokens that are not scored)
+_Tokens = tuple[list[int], int]
+
+
+class CausalLMRuntime(ModelRuntime):
+    """Causal LM: answer NLL for training, option log-likelihood or generation to score.
+
+    A sequence is [bos] + tokens(prompt + "\\n") + tokens(answer) (+ eos when training, so
+    that generation learns to stop). Prompt and answer are tokenized apart, so the answer
+    tokens are exactly the scored ones. Over `max_length` the answer is kept whole (up to
+    max_length - 1 tokens) and the prompt loses its beginning.
+    """
+
+    def _load_base(self, dropout: float | None) -> Any:
+        tok = self.tokenizer
+        if tok.pad_token_id is None:  # LLaMA-style tokenizers have none; pads are masked
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        return load_causal_lm(self.settings.model_path, dropout, self.dtype)
+
+    def _context_ids(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        ids = tok(prompt + "\n", add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None:
+            ids = [tok.bos_token_id, *ids]
+        if not ids:  # the first answer token must be predicted from something
+            ids = [tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id]
+        return ids
+
+    def _sequence(self, prompt: str, target: str, *, eos: bool) -> _Tokens:
+        tok = self.tokenizer
+        answer = tok(target, add_special_tokens=False)["input_ids"]
+        if eos and tok.eos_token_id is not None:
+            answer = [*answer, tok.eos_token_id]
+        limit = max(self.settings.max_length, 2)
+        answer = answer[: limit - 1]
+        context = self._context_ids(prompt)[-(limit - len(answer)) :]
+        return context + answer, len(context)
+
+    def _answer_logprobs(self, seqs: Sequence[_Tokens]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence, the summed log-probability of its scored tokens and their count."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids, _ in seqs)
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        scored = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for row, (ids, n_context) in enumerate(seqs):  # right padding
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            scored[row, n_context : len(ids)] = True
+        input_ids, mask, scored = (t.to(self.device) for t in (input_ids, mask, scored))
+        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        # token t is predicted at position t - 1; only the scored positions go to float32
+        # (a full float32 copy of B x L x vocab logits would dominate the memory)
+        targets, picked = input_ids[:, 1:], scored[:, 1:]
+        token_lp = -torch.nn.functional.cross_entropy(
+            logits[:, :-1][picked].float(), targets[picked], reduction="none"
+        )
+        rows = picked.nonzero()[:, 0]
+        sums = torch.zeros(len(seqs), device=token_lp.device).index_add(0, rows, token_lp)
+        return sums, picked.sum(dim=1)
+
+    def loss(self, examples: Sequence[Example]) -> torch.Tensor:
+        """Mean NLL per answer token (prompt tokens masked), over the batch."""
+        seqs = [self._sequence(ex.prompt, ex.answer, eos=True) for ex in examples]
+        sums, counts = self._answer_logprobs(seqs)
+        return -sums.sum() / counts.sum().clamp(min=1)
+
+    def _batches(self, items: Sequence[Any]) -> list[Sequence[Any]]:
+        bs = max(self.settings.eval_batch_size, 1)
+        return [items[i : i + bs] for i in range(0, len(items), bs)]
+
+    @torch.no_grad()
+    def mean_answer_nll(self, examples: Sequence[Example]) -> float:
+        """The training loss over `examples`, per answer token."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for chunk in self._batches(examples):
+            seqs = [self._sequence(ex.prompt, ex.answer, eos=True) for ex in chunk]
+            sums, counts = self._answer_logprobs(seqs)
+            total -= float(sums.sum())
+            count += int(counts.sum())
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def predict(self, examples: Sequence[Example]) -> list[torch.Tensor]:
+        """Per multiple-choice example, the log-likelihood of each option (CPU float32)."""
+        if any(ex.is_generation for ex in examples):
+            raise ValueError("generation examples have no options to score: use generate()")
+        self.model.eval()
+        pairs = [
+            self._sequence(ex.prompt, option, eos=False) for ex in examples for option in ex.options
+        ]
+        sums = [self._answer_logprobs(chunk)[0].cpu() for chunk in self._batches(pairs)]
+        scores = torch.cat(sums)
+        return list(torch.split(scores, [len(ex.options) for ex in examples]))
+
+    @torch.no_grad()
+    def generate(self, examples: Sequence[Example]) -> list[str]:
+        """Greedy continuation of each prompt, up to `max_new_tokens` tokens."""
+        self.model.eval()
+        tok, s = self.tokenizer, self.settings
+        out: list[str] = []
+        for chunk in self._batches(examples):
+            contexts = [self._context_ids(ex.prompt)[-max(s.max_length, 1) :] for ex in chunk]
+            width = max(len(c) for c in contexts)
+            # left padding: every row's continuation starts at the same column
+            input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, ids in enumerate(contexts):
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                mask[row, width - len(ids) :] = 1
+            generated = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=s.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            out.extend(tok.batch_decode(generated[:, width:], skip_special_tokens=True))
+        return [text.strip() for text in out]
+
+    def _evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
+        """(accuracy or mean ROUGE-L F1, mean answer NLL per token)."""
+        loss = self.mean_answer_nll(examples)
+        if task_kind(examples) == GENERATION:
+            texts = self.generate(examples)
+            scores = [rouge_l(t, ex.answer) for t, ex in zip(texts, examples, strict=True)]
+            return sum(scores) / len(scores), loss
+        option_scores = self.predict(examples)
+        correct = sum(
+            int(s.argmax()) == ex.label for s, ex in zip(option_scores, examples, strict=True)
+        )
+        return correct / len(examples), loss
+
+
 _RUNTIMES: dict[tuple[Any, ...], ModelRuntime] = {}
 
 
 def get_runtime(settings: Settings) -> ModelRuntime:
-    """The process's runtime: the model is loaded on first use, then reused by every task."""
+    """The process's runtime: the model is loaded on first use, then reused by every task
+    with the same model settings (the cache key is everything that changes the model)."""
     key = (
+        settings.model_kind,
         settings.model_path,
         settings.device,
+        settings.precision,
+        settings.gradient_checkpointing,
         settings.lora_r,
         settings.lora_alpha,
         settings.lora_dropout,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from celery import Task
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -29,8 +30,9 @@ from services.context import object_store
 from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
+from services.transient import backoff_seconds, is_transient
 from workers.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app
-from workers.model import ModelRuntime, get_runtime, lora_config
+from workers.model import ModelRuntime, get_runtime, lora_config, metric_name
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,10 @@ def load_current(store: ObjectStore, settings: Settings, current: CurrentAdapter
     )
 
 
-def run_training(settings: Settings, req: TrainRequest, publish: Publish) -> dict[str, Any]:
+def run_training(
+    settings: Settings, req: TrainRequest, publish: Publish, worker: str | None = None
+) -> dict[str, Any]:
+    """`worker`: who trained it, kept on the update row (the Celery node name)."""
     db_url = settings.resolved_database_url
     uid = req.request_id
     with session_scope(db_url) as s:
@@ -138,7 +143,7 @@ def run_training(settings: Settings, req: TrainRequest, publish: Publish) -> dic
             steps=result.steps,
             train_loss=result.loss,
             duration_s=result.duration_s,
-            worker=socket.gethostname(),
+            worker=worker or socket.gethostname(),
         )
         with session_scope(db_url) as s:
             s.add(row)
@@ -147,10 +152,12 @@ def run_training(settings: Settings, req: TrainRequest, publish: Publish) -> dic
         log.info("client=%s update=%s committed by another delivery", name, uid)
         return {"update_uid": uid, "status": "stored", "duplicate": True}
     except Exception as exc:
-        log.exception("client=%s update=%s failed: %s", name, uid, exc)
-        for key in (adapter_key, tv_key):
-            store.delete(key)
-        record_failure(settings, req, str(exc), publish)
+        log.warning("client=%s update=%s attempt failed: %s", name, uid, exc)
+        for key in (adapter_key, tv_key):  # nothing half-written stays behind
+            try:
+                store.delete(key)
+            except Exception:  # noqa: BLE001 - the store may be what failed
+                log.warning("client=%s update=%s could not delete %s", name, uid, key)
         raise
     log.info(
         "client=%s update=%s stored: %d steps in %.1fs, loss %.4f, |tau| %.4f",
@@ -188,6 +195,9 @@ def record_failure(settings: Settings, req: TrainRequest, reason: str, publish: 
 def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     db_url = settings.resolved_database_url
     with session_scope(db_url) as s:
+        done = s.scalars(select(Evaluation).where(Evaluation.uid == req.request_id)).first()
+        if done is not None:  # redelivered: the work is done
+            return {"client_id": req.client_id, "version": done.adapter_version, "duplicate": True}
         client = s.get(Client, req.client_id)
         if client is None:
             raise LookupError(f"unknown client id {req.client_id}")
@@ -203,21 +213,27 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     current = current_adapter(db_url, req.client_id)
     runtime.load_adapter(load_current(store, settings, current))
     accuracy, loss = runtime.evaluate(examples)
-    with session_scope(db_url) as s:
-        s.add(
-            Evaluation(
-                uid=req.request_id,
-                client_id=req.client_id,
-                adapter_version=current.version,
-                accuracy=accuracy,
-                loss=loss,
-                num_examples=len(examples),
+    metric = metric_name(examples)
+    try:
+        with session_scope(db_url) as s:
+            s.add(
+                Evaluation(
+                    uid=req.request_id,
+                    client_id=req.client_id,
+                    adapter_version=current.version,
+                    metric=metric,
+                    accuracy=accuracy,
+                    loss=loss,
+                    num_examples=len(examples),
+                )
             )
-        )
+    except IntegrityError:  # another delivery of this request committed first
+        return {"client_id": req.client_id, "version": current.version, "duplicate": True}
     log.info(
-        "client=%s evaluated version %d: accuracy %.3f on %d examples",
+        "client=%s evaluated version %d: %s %.3f on %d examples",
         name,
         current.version,
+        metric,
         accuracy,
         len(examples),
     )
@@ -228,11 +244,43 @@ def publish_event(message: Message) -> None:
     app.send_task(AGGREGATE_TASK, args=[message.to_dict()])
 
 
-@app.task(name=TRAIN_TASK)
-def train(message: dict[str, Any]) -> dict[str, Any]:
-    return run_training(app.fedvec_settings, TrainRequest.from_dict(message), publish_event)
+def retry_or_fail(task: Task, exc: Exception, settings: Settings, what: str) -> None:
+    """A transient failure (S3 or the database unreachable) is retried with backoff; the
+    caller handles anything else, or a transient failure past its retries, as final."""
+    retries = task.request.retries
+    if is_transient(exc) and retries < settings.task_max_retries:
+        delay = backoff_seconds(retries, settings.retry_backoff_max)
+        log.warning(
+            "%s: transient error, retry %d/%d in %.1fs: %s",
+            what,
+            retries + 1,
+            settings.task_max_retries,
+            delay,
+            exc,
+        )
+        metrics.TASK_RETRIES.labels(task=task.name).inc()
+        raise task.retry(exc=exc, countdown=delay)
 
 
-@app.task(name=EVALUATE_TASK)
-def evaluate(message: dict[str, Any]) -> dict[str, Any]:
-    return run_evaluation(app.fedvec_settings, EvaluateRequest.from_dict(message))
+@app.task(name=TRAIN_TASK, bind=True, max_retries=None)
+def train(self: Task, message: dict[str, Any]) -> dict[str, Any]:
+    settings = app.fedvec_settings
+    req = TrainRequest.from_dict(message)  # a malformed request fails here, unretried
+    try:
+        return run_training(settings, req, publish_event, worker=self.request.hostname)
+    except Exception as exc:
+        retry_or_fail(self, exc, settings, f"client_id={req.client_id} update={req.request_id}")
+        log.exception("client_id=%s update=%s failed: %s", req.client_id, req.request_id, exc)
+        record_failure(settings, req, f"{type(exc).__name__}: {exc}", publish_event)
+        raise
+
+
+@app.task(name=EVALUATE_TASK, bind=True, max_retries=None)
+def evaluate(self: Task, message: dict[str, Any]) -> dict[str, Any]:
+    settings = app.fedvec_settings
+    req = EvaluateRequest.from_dict(message)
+    try:
+        return run_evaluation(settings, req)
+    except Exception as exc:
+        retry_or_fail(self, exc, settings, f"client_id={req.client_id} evaluation")
+        raise

@@ -1,0 +1,233 @@
+"""The distributed deployment on real services: Redis broker, PostgreSQL, an S3 server;
+workers and the aggregator run as separate processes (`fedvec worker`, `fedvec
+aggregator`), as `honcho start` runs them.
+
+- two workers and one aggregator, 4 clients, asynchronous updates that arrive out of
+  order, plus redelivered and repeated events: every update aggregated exactly once;
+- per-site queues: a site's client is trained only by that site's worker;
+- a worker SIGKILLed mid-task: Redis redelivers the task, another worker completes it,
+  and nothing is left half-done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from schema.events import UpdateStored
+from schema.models import PersonalizedAdapter, ProcessedEvent, Update
+from services import adapter_store as ads
+from services import operations as ops
+from services import processes
+from services.context import object_store
+from services.db import session_scope, upgrade
+from services.demo_data import DemoClient, build_demo_clients
+from services.settings import Settings, load_settings
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, create_postgres_database, redis_broker_url
+from workers.celery_app import AGGREGATE_TASK, make_app, queue_depths, train_queue
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Deployment:
+    settings: Settings
+    home: Path
+    clients: list[DemoClient]
+    procs: list[subprocess.Popen[bytes]]
+
+    def start(self, command: str, name: str, *args: str) -> subprocess.Popen[bytes]:
+        proc = processes.start(command, self.settings, self.home / "logs" / f"{name}.log", *args)
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.home / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait(self, what: str, check: Callable[[], bool], timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                for log in sorted((self.home / "logs").glob("*.log")):
+                    print(f"----- {log.name}\n{log.read_text(errors='replace')[-4000:]}")
+                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+            time.sleep(0.25)
+
+    def send(self) -> Callable[..., object]:
+        return make_app(self.settings).send_task
+
+
+@pytest.fixture
+def deployment(tmp_path, s3_endpoint) -> Iterator[Deployment]:
+    url, drop = create_postgres_database()
+    settings = load_settings(environ={}, dotenv=tmp_path / "no.env").replace(
+        home=str(tmp_path),
+        database_url=url,
+        broker_url=redis_broker_url(),
+        object_store_url=f"s3://fedvec-{uuid.uuid4().hex[:12]}",
+        s3_endpoint=s3_endpoint,
+        s3_access_key=S3_ACCESS_KEY,
+        s3_secret_key=S3_SECRET_KEY,
+        max_steps=2,
+        batch_size=4,
+        max_length=48,
+        torch_threads=1,
+        broker_visibility_timeout=6,
+    )
+    upgrade(url)
+    clients = build_demo_clients(tmp_path / "data", train_per_client=16, test_per_client=8)
+    dep = Deployment(settings, tmp_path, clients, [])
+    try:
+        yield dep
+    finally:
+        for p in dep.procs:
+            processes.stop(p)
+        drop()
+
+
+def _statuses(settings: Settings) -> Counter[str]:
+    with session_scope(settings.resolved_database_url) as s:
+        return Counter(s.scalars(select(Update.status)))
+
+
+def test_two_workers_out_of_order_updates_each_aggregated_exactly_once(deployment):
+    dep = deployment
+    s = dep.settings
+    for c in (dep.clients[0], dep.clients[1], dep.clients[3], dep.clients[4]):
+        ops.enroll(s, c.name, c.train_path, test=c.test_path, task=c.task)
+    enrolled = ops.resolve_clients(s, [], all_=True)
+    dep.start("aggregator", "aggregator")
+    dep.start("worker", "worker-1")
+    dep.start("worker", "worker-2")
+    send = dep.send()
+    # three waves in different orders; two workers finish them in yet another order
+    orders = [enrolled, enrolled[::-1], enrolled[1:] + enrolled[:1]]
+    from schema.events import TrainRequest
+
+    for wave in orders:
+        for c in wave:
+            ops.send_train(send, TrainRequest(client_id=c.id), site=c.site)
+    total = len(orders) * len(enrolled)
+    dep.wait(f"{total} updates aggregated", lambda: _statuses(s)["aggregated"] == total)
+
+    db = s.resolved_database_url
+    with session_scope(db) as ses:
+        updates = list(ses.scalars(select(Update)))
+        adapters = list(ses.scalars(select(PersonalizedAdapter)))
+        workers = {u.worker for u in updates}
+    assert len(workers) == 2, f"both workers should have trained: {workers}"
+    # exactly once: each update triggered exactly one personalized adapter
+    assert sorted(a.trigger_update_id for a in adapters) == sorted(u.id for u in updates)
+    for c in enrolled:
+        versions = sorted(a.version for a in adapters if a.client_id == c.id)
+        assert versions == [1, 2, 3], f"{c.name}: versions {versions}"
+
+    # the same events again: redelivered (same event id) and repeated (new event id)
+    with session_scope(db) as ses:
+        processed_before = ses.scalar(select(func.count()).select_from(ProcessedEvent))
+    for u in updates:
+        again = UpdateStored(update_uid=u.uid, client_id=u.client_id, round_id=None)
+        send(AGGREGATE_TASK, args=[again.to_dict()])
+        send(AGGREGATE_TASK, args=[again.to_dict()])  # the very same message twice
+    # the aggregate queue has one consumer and is FIFO: once these are recorded, all are
+    dep.wait(
+        "repeated events handled",
+        lambda: _count(db, ProcessedEvent) == processed_before + len(updates),
+    )
+    with session_scope(db) as ses:
+        outcomes = Counter(
+            ses.scalars(
+                select(ProcessedEvent.outcome).where(ProcessedEvent.outcome.like("already-%"))
+            )
+        )
+        assert outcomes == {"already-aggregated": len(updates)}
+        assert _count(db, PersonalizedAdapter) == total  # nothing changed
+    assert "duplicate, ignored" in dep.log("aggregator")
+    store = object_store(s)
+    for a in adapters:
+        assert ads.sha256(store.get(a.key)) == a.sha256
+
+
+def _count(db: str, model: type) -> int:
+    with session_scope(db) as ses:
+        return int(ses.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_site_clients_are_trained_only_by_their_sites_workers(deployment):
+    dep = deployment
+    s = dep.settings
+    shared, private = dep.clients[0], dep.clients[3]
+    ops.enroll(s, shared.name, shared.train_path, task=shared.task)
+    ops.enroll(s, private.name, private.train_path, task=private.task, site="hospital-a")
+    c_shared, c_private = ops.resolve_clients(s, [shared.name, private.name])
+    dep.start("aggregator", "aggregator")
+    dep.start("worker", "worker-shared")
+    send = dep.send()
+    from schema.events import TrainRequest
+
+    ops.send_train(send, TrainRequest(client_id=c_private.id), site=c_private.site)
+    ops.send_train(send, TrainRequest(client_id=c_shared.id), site=c_shared.site)
+    dep.wait("the shared client aggregated", lambda: _statuses(s)["aggregated"] == 1)
+    time.sleep(2)  # the shared worker is idle now; the site's task must still be waiting
+    assert _statuses(s) == {"aggregated": 1}
+    site_queue = train_queue("hospital-a")
+    assert site_queue == "train.hospital-a"
+    assert queue_depths(make_app(s), [site_queue])[site_queue] == 1
+
+    dep.start("worker", "worker-hospital-a", "--site", "hospital-a")
+    dep.wait("the site's client aggregated", lambda: _statuses(s)["aggregated"] == 2)
+    with session_scope(s.resolved_database_url) as ses:
+        by_client = {u.client_id: u.worker for u in ses.scalars(select(Update))}
+    assert by_client[c_private.id].startswith("train.hospital-a-")
+    assert by_client[c_shared.id].startswith("train-")
+    assert "queue 'train.hospital-a'" in dep.log("worker-hospital-a")
+
+
+def test_worker_killed_mid_task_is_redelivered_and_completes_once(deployment):
+    dep = deployment
+    s = dep.settings.replace(epochs=40, max_steps=40)  # long enough to be killed mid-way
+    dep.settings = s
+    c = dep.clients[0]
+    ops.enroll(s, c.name, c.train_path, task=c.task)
+    (client,) = ops.resolve_clients(s, [c.name])
+    dep.start("aggregator", "aggregator")
+    victim = dep.start("worker", "worker-victim")
+    from schema.events import TrainRequest
+
+    req = TrainRequest(client_id=client.id)
+    ops.send_train(dep.send(), req, site=client.site)
+    dep.wait("training under way", lambda: "step 10/40" in dep.log("worker-victim"))
+    os.killpg(victim.pid, signal.SIGKILL)  # no warm shutdown, no ack, no cleanup
+    victim.wait()
+    killed_at = time.monotonic()
+    assert _statuses(s) == {}  # nothing half-written: no row before the objects exist
+
+    dep.start("worker", "worker-rescuer")
+    dep.wait("the redelivered task aggregated", lambda: _statuses(s) == {"aggregated": 1})
+    redelivered_after = time.monotonic() - killed_at
+    assert redelivered_after >= s.broker_visibility_timeout - 1
+
+    with session_scope(s.resolved_database_url) as ses:
+        (update,) = ses.scalars(select(Update)).all()
+        assert update.uid == req.request_id
+        assert update.worker.startswith("train-")
+        assert update.steps == 40
+        adapters = list(ses.scalars(select(PersonalizedAdapter)))
+    assert [(a.client_id, a.version) for a in adapters] == [(client.id, 1)]
+    store = object_store(s)
+    # the only objects of this client's updates are the completed update's two files
+    assert sorted(store.list(f"clients/{client.id}/updates/")) == sorted(
+        ads.update_keys(client.id, update.uid)
+    )
+    assert "step 40/40" in dep.log("worker-rescuer")
