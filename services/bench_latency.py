@@ -70,7 +70,7 @@ def local_stack(settings: Settings, echo: Echo) -> Iterator[Settings]:
             redis.Redis.from_url(LOCAL_REDIS).flushdb()
             settings = settings.replace(broker_url=LOCAL_REDIS)
         if not settings.s3_endpoint:
-            from tests.s3_server import start_s3_server
+            from services.s3_server import start_s3_server
 
             endpoint, stop = start_s3_server()
             stack.callback(stop)

@@ -276,11 +276,12 @@ def evaluate(
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Clients, last update per client, groups, adapter versions, queue depths."""
-    from workers.celery_app import make_app, queue_depths
+    from workers.celery_app import make_app, queue_depths, queues_for_sites
 
     settings = _settings(ctx)
     _check_db(settings)
-    data = ops.status(settings, queue_depths(make_app(settings)))
+    queues = queues_for_sites([c["site"] for c in ops.list_clients(settings)])
+    data = ops.status(settings, queue_depths(make_app(settings), queues))
     if as_json:
         _echo_json(data)
         return

@@ -22,7 +22,7 @@ class DatabaseCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from workers.celery_app import AGGREGATE_QUEUE, make_app, queue_depths, train_queue
+        from workers.celery_app import make_app, queue_depths, queues_for_sites
 
         up = GaugeMetricFamily("fedvec_database_up", "1 if the database answered this scrape")
         try:
@@ -67,8 +67,7 @@ class DatabaseCollector(Collector):
         g = GaugeMetricFamily("fedvec_grouping_version", "Version of the latest grouping")
         g.add_metric([], latest.version if latest else 0)
         yield g
-        queues = [AGGREGATE_QUEUE] + sorted({train_queue(site) for site in sites} | {"train"})
-        depths = queue_depths(make_app(self.settings), queues)
+        depths = queue_depths(make_app(self.settings), queues_for_sites(sites))
         g = GaugeMetricFamily("fedvec_queue_depth", "Messages waiting per queue", labels=["queue"])
         for q, depth in depths.items():
             if depth is not None:

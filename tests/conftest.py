@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from services.object_store import LocalFolderStore, S3Store
-from tests.s3_server import start_s3_server
+from services.s3_server import start_s3_server
 
 S3_ACCESS_KEY = "testing"
 S3_SECRET_KEY = "testing"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from schema.events import UpdateStored
+from schema.events import TrainRequest, UpdateStored
 from schema.models import PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import operations as ops
@@ -32,6 +32,7 @@ from services import processes
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import DemoClient, build_demo_clients
+from services.s3_server import start_s3_server
 from services.settings import Settings, load_settings
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, create_postgres_database, redis_broker_url
 from workers.celery_app import AGGREGATE_TASK, make_app, queue_depths, train_queue
@@ -113,8 +114,6 @@ def test_two_workers_out_of_order_updates_each_aggregated_exactly_once(deploymen
     send = dep.send()
     # three waves in different orders; two workers finish them in yet another order
     orders = [enrolled, enrolled[::-1], enrolled[1:] + enrolled[:1]]
-    from schema.events import TrainRequest
-
     for wave in orders:
         for c in wave:
             ops.send_train(send, TrainRequest(client_id=c.id), site=c.site)
@@ -174,8 +173,6 @@ def test_site_clients_are_trained_only_by_their_sites_workers(deployment):
     dep.start("aggregator", "aggregator")
     dep.start("worker", "worker-shared")
     send = dep.send()
-    from schema.events import TrainRequest
-
     ops.send_train(send, TrainRequest(client_id=c_private.id), site=c_private.site)
     ops.send_train(send, TrainRequest(client_id=c_shared.id), site=c_shared.site)
     dep.wait("the shared client aggregated", lambda: _statuses(s)["aggregated"] == 1)
@@ -203,8 +200,6 @@ def test_worker_killed_mid_task_is_redelivered_and_completes_once(deployment):
     (client,) = ops.resolve_clients(s, [c.name])
     dep.start("aggregator", "aggregator")
     victim = dep.start("worker", "worker-victim")
-    from schema.events import TrainRequest
-
     req = TrainRequest(client_id=client.id)
     ops.send_train(dep.send(), req, site=client.site)
     dep.wait("training under way", lambda: "step 10/40" in dep.log("worker-victim"))
@@ -231,3 +226,29 @@ def test_worker_killed_mid_task_is_redelivered_and_completes_once(deployment):
         ads.update_keys(client.id, update.uid)
     )
     assert "step 40/40" in dep.log("worker-rescuer")
+
+
+def test_s3_outage_is_retried_with_backoff_and_the_update_completes(deployment):
+    dep = deployment
+    endpoint, stop = start_s3_server()  # a private S3 server this test can stop
+    port = int(endpoint.rsplit(":", 1)[1])
+    s = dep.settings.replace(s3_endpoint=endpoint, retry_backoff_max=2, task_max_retries=20)
+    dep.settings = s
+    c = dep.clients[0]
+    ops.enroll(s, c.name, c.train_path, task=c.task)
+    (client,) = ops.resolve_clients(s, [c.name])
+    dep.start("worker", "worker")
+    stop()  # S3 goes away before the task arrives
+    ops.send_train(dep.send(), TrainRequest(client_id=client.id), site=client.site)
+    dep.wait(
+        "a retry after the S3 failure", lambda: "transient error, retry 1/20" in dep.log("worker")
+    )
+    assert _statuses(s) == {}
+    _, stop_again = start_s3_server(port)  # back, on the same address (and empty)
+    try:
+        dep.wait("the update stored", lambda: _statuses(s) == {"stored": 1}, timeout=120)
+    finally:
+        stop_again()
+    log = dep.log("worker")
+    assert "TransientStoreError" in log or "Connection refused" in log
+    assert "failed" not in _statuses(s)

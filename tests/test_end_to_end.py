@@ -24,6 +24,7 @@ from services.client_data import load_examples
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
+from services.s3_server import start_s3_server
 from services.settings import load_settings
 from tests.conftest import (
     S3_ACCESS_KEY,
@@ -32,7 +33,6 @@ from tests.conftest import (
     redis_broker_url,
     unavailable,
 )
-from tests.s3_server import start_s3_server
 from workers.celery_app import make_app
 from workers.model import ModelRuntime, load_base_model
 

@@ -99,3 +99,11 @@ def test_events_round_trip():
 def test_malformed_events_are_refused(data, message):
     with pytest.raises(InvalidMessage, match=message):
         parse_event(data)
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = sorted(n for n in ENV_NAMES if f"`{n}`" not in readme)
+    assert not missing, f"README 'Settings' lacks {missing}"

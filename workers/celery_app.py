@@ -30,6 +30,13 @@ def train_queue(site: str) -> str:
     return TRAIN_QUEUE if site in SHARED_SITES else f"{TRAIN_QUEUE}.{site}"
 
 
+def queues_for_sites(sites: Sequence[str]) -> list[str]:
+    """Every queue of a deployment whose clients are at these sites."""
+    return [TRAIN_QUEUE, AGGREGATE_QUEUE] + sorted(
+        {train_queue(s) for s in sites} - {TRAIN_QUEUE}
+    )
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     broker = settings.resolved_broker_url
     conf: dict[str, Any] = {
@@ -115,8 +122,9 @@ def queue_depths(celery_app: Celery, queues: Sequence[str] = QUEUES) -> dict[str
             for q in queues:
                 try:
                     depths[q] = channel.queue_declare(queue=q, passive=True).message_count
-                except Exception:
-                    depths[q] = None
+                except Exception as exc:
+                    # Redis and folder queues exist only while they hold messages
+                    depths[q] = 0 if "NOT_FOUND" in str(exc) else None
     except Exception:
         return {q: None for q in queues}
     return depths

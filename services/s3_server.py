@@ -1,4 +1,5 @@
-"""A real S3 HTTP server for tests: moto's, in a thread of the test process."""
+"""A real S3 HTTP server on loopback (moto's, in a thread of this process), for the tests
+and the benchmarks when no MinIO is at hand. moto comes with the test extra."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ from collections.abc import Callable
 _START_TIMEOUT_S = 15.0
 
 
-def start_s3_server() -> tuple[str, Callable[[], None]]:
-    """Start moto's S3 server on 127.0.0.1 (free port); return ("127.0.0.1:PORT", stop)."""
+def start_s3_server(port: int = 0) -> tuple[str, Callable[[], None]]:
+    """Start moto's S3 server on 127.0.0.1 (port 0: a free one); return
+    ("127.0.0.1:PORT", stop)."""
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:  # moto[server] missing from the environment
         raise RuntimeError(f"moto[server] is not importable: {exc}") from exc
 
     # Port 0: the OS picks a free port at bind time, so there is no probe-then-bind race.
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     # ThreadedMotoServer.start() waits forever if binding fails inside its thread, so
     # call it from a helper thread and give up after a deadline.
     failure: list[BaseException] = []
