@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-flan8 test lint clean bench-latency
+.PHONY: install demo demo-flan8 test lint clean bench-latency bench-quality bench-quality-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: install
 
 demo-flan8: install
 	$(BIN)/fedvec demo --dataset flan8
+
+# every strategy on flan8, 3 seeds: report.md, results.csv and plots (about an hour)
+bench-quality: install
+	$(BIN)/fedvec bench quality --out .fedvec/bench/quality
+
+bench-quality-quick: install
+	$(BIN)/fedvec bench quality --quick --out .fedvec/bench/quality-quick
 
 # time from update.stored to the personalized adapter on Redis + PostgreSQL + S3
 bench-latency: install

@@ -5,8 +5,6 @@ starting adapter have nearly identical raw parameters but clearly different task
 from __future__ import annotations
 
 import pytest
-import torch
-from peft.tuners.lora import LoraLayer
 
 from aggregator.similarity import cosine
 from aggregator.task_vectors import flatten, task_vector
@@ -16,19 +14,6 @@ from services.settings import load_settings
 from workers.model import ModelRuntime
 
 pytestmark = pytest.mark.slow
-
-
-def effective_weights(runtime: ModelRuntime, adapter) -> torch.Tensor:
-    """The model's raw parameters where fine-tuning acts: W0 + scale·B·A of every LoRA
-    module, and the scoring head."""
-    runtime.load_adapter(adapter)
-    parts = []
-    for module in runtime.model.modules():
-        if isinstance(module, LoraLayer):
-            w = module.base_layer.weight + module.get_delta_weight("default")
-            parts.append(w.detach().flatten())
-    parts += [v.flatten() for k, v in sorted(adapter.items()) if "classifier" in k]
-    return torch.cat(parts)
 
 
 def test_raw_parameters_look_alike_task_vectors_do_not(tmp_path):
@@ -42,7 +27,7 @@ def test_raw_parameters_look_alike_task_vectors_do_not(tmp_path):
     theta_tweets = runtime.train(start, tweets, seed=1).adapter
     theta_news2 = runtime.train(start, load_examples(clients["news-b"].train_path), seed=2).adapter
 
-    raw = cosine(effective_weights(runtime, theta_news), effective_weights(runtime, theta_tweets))
+    raw = cosine(runtime.effective_weights(theta_news), runtime.effective_weights(theta_tweets))
     tv = cosine(flatten(task_vector(theta_news, start)), flatten(task_vector(theta_tweets, start)))
     tv_same_family = cosine(
         flatten(task_vector(theta_news, start)), flatten(task_vector(theta_news2, start))

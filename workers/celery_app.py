@@ -32,9 +32,7 @@ def train_queue(site: str) -> str:
 
 def queues_for_sites(sites: Sequence[str]) -> list[str]:
     """Every queue of a deployment whose clients are at these sites."""
-    return [TRAIN_QUEUE, AGGREGATE_QUEUE] + sorted(
-        {train_queue(s) for s in sites} - {TRAIN_QUEUE}
-    )
+    return [TRAIN_QUEUE, AGGREGATE_QUEUE] + sorted({train_queue(s) for s in sites} - {TRAIN_QUEUE})
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

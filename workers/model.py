@@ -33,6 +33,7 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -245,6 +246,20 @@ class ModelRuntime:
         result = set_peft_model_state_dict(self.model, state)
         if result.unexpected_keys:
             raise ValueError(f"adapter has unexpected keys {result.unexpected_keys[:3]}")
+
+    @torch.no_grad()
+    def effective_weights(self, state: StateDict) -> torch.Tensor:
+        """The model's raw parameters where fine-tuning acts, flattened: W0 + scale·B·A of
+        every LoRA module, plus the other trainable weights (the encoder's head). What a
+        raw-parameter similarity (FedAMP-style) of two clients' models compares."""
+        self.load_adapter(state)
+        parts = [
+            (m.base_layer.weight + m.get_delta_weight("default")).detach().float().flatten().cpu()
+            for m in self.model.modules()
+            if isinstance(m, LoraLayer)
+        ]
+        parts += [v.flatten() for k, v in sorted(state.items()) if "lora_" not in k]
+        return torch.cat(parts)
 
     def release_memory(self) -> None:
         """Give back what a train/evaluate call left (a GPU worker lives for many tasks)."""
