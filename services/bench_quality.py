@@ -17,6 +17,7 @@ Per strategy and seed:
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -395,5 +396,8 @@ def run_quality_bench(
     }
     data = QualityData(rows=rows, similarity=similarity or {}, groups=groups, meta=meta)
     summary = write_report(out_dir, data)
+    # the matrices and groups behind the plots, for anyone who wants to redraw them
+    (out_dir / "similarity.json").write_text(json.dumps(data.similarity, indent=1))
+    (out_dir / "groups.json").write_text(json.dumps(groups, indent=1))
     echo(f"report: {out_dir / 'report.md'} ({meta['duration_s']:.0f}s)")
     return summary

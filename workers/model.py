@@ -15,12 +15,14 @@ swaps in the client's adapter weights with `set_peft_model_state_dict`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,15 +108,29 @@ def _set_dropout(model: torch.nn.Module, dropout: float | None) -> None:
                 module.p = dropout
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_base_model(
     model_path: str, dropout: float | None = None, dtype: torch.dtype = torch.float32
 ) -> Any:
     """The frozen encoder with a one-score head. `dropout` (if given) replaces the base
     model's own dropout rates."""
     hf_logging.disable_progress_bar()  # a bar per load is noise in worker logs
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=1, dtype=dtype
-    )
+    # the one-score head is new by design: transformers' "newly initialized" report is noise
+    with _quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, dtype=dtype
+        )
     model.config.problem_type = "regression"  # one score per (prompt, option) pair
     _set_dropout(model, dropout)
     return model
@@ -196,9 +212,11 @@ class ModelRuntime:
             else:  # transformers before the rename
                 base.gradient_checkpointing_enable({"use_reentrant": False})
                 base.enable_input_require_grads()
-        self.model: PeftModel = get_peft_model(
-            base, lora_config(settings), autocast_adapter_dtype=True
-        )
+        with warnings.catch_warnings():  # peft 0.21 asks transformers a deprecated question
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model: PeftModel = get_peft_model(
+                base, lora_config(settings), autocast_adapter_dtype=True
+            )
         # Trainable weights stay float32 whatever the base precision: small updates to
         # bf16 weights round away. peft does this for LoRA; the encoder's head needs it too.
         for module in self.model.modules():
