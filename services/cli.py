@@ -491,6 +491,13 @@ def bench() -> None:
 )
 @click.option("--learning-rate", default=5e-3, show_default=True)
 @click.option("--max-length", default=128, show_default=True, help="tokens per (prompt, option)")
+@click.option(
+    "--group-threshold",
+    type=float,
+    default=None,
+    help="grouping threshold of fedbip/fedbip_layerwise/clustered (default: "
+    "FEDVEC_GROUP_THRESHOLD); <= -1: one group of all clients, the paper's setting",
+)
 @click.option("--quick", is_flag=True, help="one seed, 2 rounds, subsets: a few minutes")
 @click.option("--out", "out_dir", default=None, help="report folder (default: FEDVEC_HOME/bench)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
@@ -505,6 +512,7 @@ def bench_quality(
     test_per_client: int | None,
     learning_rate: float,
     max_length: int,
+    group_threshold: float | None,
     quick: bool,
     out_dir: str | None,
     as_json: bool,
@@ -535,6 +543,8 @@ def bench_quality(
         changes["test_per_client"] = 64  # the demo data has no fixed test split
     plan = dataclasses.replace(plan, **changes)
     settings = _settings(ctx).replace(learning_rate=learning_rate, max_length=max_length)
+    if group_threshold is not None:
+        settings = settings.replace(group_threshold=group_threshold)
     out = Path(out_dir) if out_dir else settings.home_path / "bench" / "quality"
     summary = run_quality_bench(
         settings,
