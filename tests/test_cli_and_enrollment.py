@@ -31,6 +31,7 @@ COMMANDS = [
     ["demo"],
     ["bench"],
     ["bench", "latency"],
+    ["bench", "quality"],
 ]
 
 
