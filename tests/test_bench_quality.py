@@ -25,10 +25,10 @@ def test_small_run_writes_the_report_and_task_vectors_separate_tasks(tmp_path):
     plan = dataclasses.replace(
         BenchPlan(),
         dataset="demo",
-        strategies=("fedbip", "fedavg"),
+        strategies=("fedbip",),
         seeds=(0,),
         rounds=1,
-        train_per_client=12,
+        train_per_client=24,
         test_per_client=8,
         round_eval_examples=8,
         generalization_examples=4,
@@ -47,7 +47,7 @@ def test_small_run_writes_the_report_and_task_vectors_separate_tasks(tmp_path):
         for kind in ("personalized", "generalization", "global", "new_client"):
             assert (strategy, kind) in kinds
     assert json.loads((out / "summary.json").read_text())["meta"]["dataset"] == "demo"
-    assert summary["meta"]["strategies"] == ["fedbip", "fedavg"]
+    assert summary["meta"]["strategies"] == ["fedbip"]
 
     assert summary["meta"]["new_client"]["examples"] == 8
     sim = json.loads((out / "similarity.json").read_text())  # round 1, the first strategy
@@ -56,5 +56,8 @@ def test_small_run_writes_the_report_and_task_vectors_separate_tasks(tmp_path):
     assert min(raw[i][j] for i, j in pairs) > 0.99
     same = [tv[i][j] for i, j in pairs if tasks[i] == tasks[j]]
     different = [tv[i][j] for i, j in pairs if tasks[i] != tasks[j]]
-    assert sum(same) / len(same) > sum(different) / len(different) + 0.1
-    assert max(different) < 0.9
+    mean_raw = sum(raw[i][j] for i, j in pairs) / len(pairs)
+    mean_tv = sum(tv[i][j] for i, j in pairs) / len(pairs)
+    assert mean_tv < mean_raw - 0.5  # task vectors tell clients apart, raw weights do not
+    assert max(different) < 0.5
+    assert sum(same) / len(same) > sum(different) / len(different)  # families show
