@@ -25,10 +25,10 @@ demo-flan8: install
 
 # every strategy on flan8, 3 seeds: report.md, results.csv and plots (about an hour)
 bench-quality: install
-	$(BIN)/fedvec bench quality --out .fedvec/bench/quality
+	$(BIN)/fedvec bench quality --group-threshold -1 --out .fedvec/bench/quality
 
 bench-quality-quick: install
-	$(BIN)/fedvec bench quality --quick --out .fedvec/bench/quality-quick
+	$(BIN)/fedvec bench quality --quick --group-threshold -1 --out .fedvec/bench/quality-quick
 
 # time from update.stored to the personalized adapter on Redis + PostgreSQL + S3
 bench-latency: install
