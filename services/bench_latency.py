@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, func, select, text
 
 from schema.events import TrainRequest
 from schema.models import PersonalizedAdapter, Update
@@ -118,14 +118,12 @@ def run_latency_bench(
 
             def check() -> tuple[bool, int]:
                 with session_scope(s.resolved_database_url) as ses:
-                    done = len(
-                        ses.scalars(
-                            select(Update.id).where(
-                                Update.status.in_(("aggregated", "rejected", "failed"))
-                            )
-                        ).all()
+                    done = ses.scalar(
+                        select(func.count())
+                        .select_from(Update)
+                        .where(Update.status.in_(("aggregated", "rejected", "failed")))
                     )
-                return done >= updates, done
+                return done >= updates, int(done or 0)
 
             ops.wait_for(check, total=updates, timeout=timeout, desc="updates aggregated")
             wall = time.monotonic() - t0

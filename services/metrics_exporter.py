@@ -19,16 +19,19 @@ from services.settings import Settings
 
 class DatabaseCollector(Collector):
     def __init__(self, settings: Settings) -> None:
+        from workers.celery_app import make_app
+
         self.settings = settings
+        self.app = make_app(settings)  # once: a scrape only opens a broker connection
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from workers.celery_app import make_app, queue_depths, queues_for_sites
+        from workers.celery_app import queue_depths, queues_for_sites
 
         up = GaugeMetricFamily("fedvec_database_up", "1 if the database answered this scrape")
         try:
             with session_scope(self.settings.resolved_database_url) as s:
                 sites = sorted(set(s.scalars(select(Client.site))))
-                clients = len(list(s.scalars(select(Client.id))))
+                clients = s.scalar(select(func.count()).select_from(Client))
                 by_status = dict(
                     s.execute(select(Update.status, func.count()).group_by(Update.status)).all()
                 )
@@ -67,7 +70,7 @@ class DatabaseCollector(Collector):
         g = GaugeMetricFamily("fedvec_grouping_version", "Version of the latest grouping")
         g.add_metric([], latest.version if latest else 0)
         yield g
-        depths = queue_depths(make_app(self.settings), queues_for_sites(sites))
+        depths = queue_depths(self.app, queues_for_sites(sites))
         g = GaugeMetricFamily("fedvec_queue_depth", "Messages waiting per queue", labels=["queue"])
         for q, depth in depths.items():
             if depth is not None:

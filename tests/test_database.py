@@ -42,6 +42,19 @@ def _client(s, name: str = "a") -> Client:  # type: ignore[no-untyped-def]
     return c
 
 
+def _adapter(client_id: int, update_id: int, key: str) -> PersonalizedAdapter:
+    """Version 1 of a client's personalized adapter."""
+    return PersonalizedAdapter(
+        client_id=client_id,
+        version=1,
+        key=key,
+        sha256="0" * 64,
+        strategy="fedbip",
+        sources={},
+        trigger_update_id=update_id,
+    )
+
+
 def test_migrations_up_down_and_up_again(db_url):
     with pytest.raises(SchemaNotReady, match="fedvec db upgrade"):
         check_schema(db_url)
@@ -76,29 +89,9 @@ def test_writes_are_idempotent_by_constraint(db_url):
     with session_scope(db_url) as s:
         assert s.scalar(select(Round.id)) is None
         update_id = s.scalar(select(Update.id))
-        s.add(
-            PersonalizedAdapter(
-                client_id=client_id,
-                version=1,
-                key="k",
-                sha256="0" * 64,
-                strategy="fedbip",
-                sources={},
-                trigger_update_id=update_id,
-            )
-        )
+        s.add(_adapter(client_id, update_id, "k"))
     with pytest.raises(IntegrityError), session_scope(db_url) as s:
-        s.add(
-            PersonalizedAdapter(
-                client_id=client_id,
-                version=1,
-                key="k2",
-                sha256="1" * 64,
-                strategy="fedbip",
-                sources={},
-                trigger_update_id=update_id,
-            )
-        )
+        s.add(_adapter(client_id, update_id, "k2"))
 
 
 def test_exclusive_admits_one_holder_at_a_time(db_url):

@@ -6,14 +6,19 @@ kombu's filesystem transport in the embedded default: only settings differ."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Sequence
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
+from services import metrics
 from services.settings import Settings, load_settings
+from services.transient import backoff_seconds, is_transient
+
+log = logging.getLogger(__name__)
 
 TRAIN_QUEUE = "train"
 AGGREGATE_QUEUE = "aggregate"
@@ -88,6 +93,24 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(load_settings())
+
+
+def retry_or_fail(task: Task, exc: Exception, settings: Settings, what: str) -> None:
+    """A transient failure (S3 or the database unreachable) is retried with backoff; the
+    caller handles anything else, or a transient failure past its retries, as final."""
+    retries = task.request.retries
+    if is_transient(exc) and retries < settings.task_max_retries:
+        delay = backoff_seconds(retries, settings.retry_backoff_max)
+        log.warning(
+            "%s: transient error, retry %d/%d in %.1fs: %s",
+            what,
+            retries + 1,
+            settings.task_max_retries,
+            delay,
+            exc,
+        )
+        metrics.TASK_RETRIES.labels(task=task.name).inc()
+        raise task.retry(exc=exc, countdown=delay)
 
 
 def worker_argv(queue: str, *, name: str, loglevel: str = "INFO") -> list[str]:

@@ -30,8 +30,7 @@ from services.context import object_store
 from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
-from services.transient import backoff_seconds, is_transient
-from workers.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app
+from workers.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
 from workers.model import ModelRuntime, get_runtime, lora_config, metric_name
 
 log = logging.getLogger(__name__)
@@ -242,24 +241,6 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
 
 def publish_event(message: Message) -> None:
     app.send_task(AGGREGATE_TASK, args=[message.to_dict()])
-
-
-def retry_or_fail(task: Task, exc: Exception, settings: Settings, what: str) -> None:
-    """A transient failure (S3 or the database unreachable) is retried with backoff; the
-    caller handles anything else, or a transient failure past its retries, as final."""
-    retries = task.request.retries
-    if is_transient(exc) and retries < settings.task_max_retries:
-        delay = backoff_seconds(retries, settings.retry_backoff_max)
-        log.warning(
-            "%s: transient error, retry %d/%d in %.1fs: %s",
-            what,
-            retries + 1,
-            settings.task_max_retries,
-            delay,
-            exc,
-        )
-        metrics.TASK_RETRIES.labels(task=task.name).inc()
-        raise task.retry(exc=exc, countdown=delay)
 
 
 @app.task(name=TRAIN_TASK, bind=True, max_retries=None)
