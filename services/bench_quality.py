@@ -42,7 +42,7 @@ from services.client_data import Example, load_examples, write_jsonl
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo import demo_clients
-from services.demo_data import DemoClient, build_demo_clients
+from services.demo_data import DemoClient, build_demo_clients, flan8_train_examples
 from services.settings import Settings
 
 Echo = Callable[[str], None]
@@ -102,7 +102,7 @@ def new_client(
     like = clients[1]
     if plan.dataset == "flan8":
         k = int(like.name.split("-")[1])
-        pool = load_examples(Path(settings.flan8_dir) / f"train_client_{k}.json")
+        _, _, pool = flan8_train_examples(settings.flan8_dir, k)
         examples = pool[plan.train_per_client : plan.train_per_client + plan.new_client_examples]
     else:  # another draw of the demo data, seeded apart
         other = build_demo_clients(

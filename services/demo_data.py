@@ -250,6 +250,28 @@ def _read_json(path: Path) -> Any:
         raise ClientDataError(f"{path}: invalid JSON: {exc}") from None
 
 
+def flan8_train_examples(flan8_dir: str | Path, k: int) -> tuple[str, str, list[Example]]:
+    """Client K's (task, category, training examples) in a fixed shuffled order.
+
+    The train files are sorted by answer: the first 64 records of most clients share one
+    label, so a prefix trained the model to always give that answer (accuracy at the
+    majority-class level, task vectors that reflected the label, not the task)."""
+    train_file = Path(flan8_dir).expanduser() / f"train_client_{k}.json"
+    if not train_file.is_file():
+        raise _flan8_missing(train_file, Path(flan8_dir).expanduser())
+    records = _read_json(train_file)
+    if not isinstance(records, list) or not records:
+        raise ClientDataError(f"{train_file}: expected a non-empty JSON list of records")
+    tasks = {r.get("task") for r in records if isinstance(r, dict)}
+    if len(tasks) != 1 or not isinstance(next(iter(tasks)), str):
+        raise ClientDataError(f"{train_file}: expected records of one task, got {tasks}")
+    examples = [
+        example_from_record(r, f"{train_file} record {i + 1}") for i, r in enumerate(records)
+    ]
+    random.Random(k).shuffle(examples)
+    return tasks.pop(), str(records[0].get("category", "")), examples
+
+
 def build_flan8_clients(
     flan8_dir: str | Path,
     out_dir: str | Path,
@@ -271,20 +293,7 @@ def build_flan8_clients(
         raise _flan8_missing(test_file, root)
     train: dict[int, tuple[str, str, list[Example]]] = {}
     for k in clients:
-        train_file = root / f"train_client_{k}.json"
-        if not train_file.is_file():
-            raise _flan8_missing(train_file, root)
-        records = _read_json(train_file)
-        if not isinstance(records, list) or not records:
-            raise ClientDataError(f"{train_file}: expected a non-empty JSON list of records")
-        tasks = {r.get("task") for r in records if isinstance(r, dict)}
-        if len(tasks) != 1 or not isinstance(next(iter(tasks)), str):
-            raise ClientDataError(f"{train_file}: expected records of one task, got {tasks}")
-        task = tasks.pop()
-        category = str(records[0].get("category", ""))
-        examples = [
-            example_from_record(r, f"{train_file} record {i + 1}") for i, r in enumerate(records)
-        ]
+        task, category, examples = flan8_train_examples(root, k)
         train[k] = (task, category, examples[:train_per_client])
     wanted = {task for task, _, _ in train.values()}
     test: dict[str, list[Example]] = {task: [] for task in wanted}

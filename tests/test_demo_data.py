@@ -188,3 +188,19 @@ def test_flan8_incomplete_dir(tmp_path):
     (tmp_path / "flan8" / "test.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="train_client_0.json is missing"):
         build_flan8_clients(tmp_path / "flan8", tmp_path / "out")
+
+
+@needs_flan8
+def test_flan8_training_prefix_mixes_answers(tmp_path):
+    # The train files are sorted by answer; a prefix of one would teach "always say X".
+    clients = build_flan8_clients(FLAN8, tmp_path, train_per_client=32)
+    for c in clients:
+        labels = [ex.label for ex in load_examples(c.train_path)]
+        most = max(labels.count(v) for v in set(labels))
+        assert len(set(labels)) == len(load_examples(c.train_path)[0].options), c.name
+        assert most <= 0.75 * len(labels), (c.name, labels)
+    # the same fixed order every time
+    again = build_flan8_clients(FLAN8, tmp_path / "again", train_per_client=32)
+    assert [load_examples(c.train_path) for c in clients] == [
+        load_examples(c.train_path) for c in again
+    ]
