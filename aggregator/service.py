@@ -292,6 +292,7 @@ class Aggregator:
         watermark = max(x.update.id for x in loaded)
         index = {x.update.client_id: i for i, x in enumerate(loaded)}
         published: list[tuple[int, PersonalizedAdapter]] = []
+        staleness_used: list[int] = []  # of every update aggregated into a published adapter
         for client_id in targets:
             if client_id not in index or loaded[index[client_id]].update.status != "stored":
                 continue
@@ -306,6 +307,7 @@ class Aggregator:
             new_state = self.strategy.personalize(
                 0, base, [contributions[i] for i in chosen], sub_plan
             )
+            staleness_used += [contributions[i].staleness for i in chosen]
             check_state_dict(new_state, self.expected_shapes())
             key = ads.personalized_key(client_id, version + 1)
             sha = ads.put_state(self.store, key, new_state, client_id=str(client_id))
@@ -331,6 +333,8 @@ class Aggregator:
         self._commit(loaded, plan, sim_index, now, published, targets, round_id)
         elapsed = time.perf_counter() - t0
         metrics.AGGREGATION_SECONDS.observe(elapsed)
+        for staleness in staleness_used:
+            metrics.UPDATE_STALENESS.observe(staleness)
         log.info(
             "aggregated round=%s: %d personalized adapters for clients %s, %d groups (%.2fs)",
             round_id,
@@ -424,7 +428,9 @@ class Aggregator:
                     created = created.replace(tzinfo=UTC)
                 metrics.STORED_TO_PUBLISHED_SECONDS.observe((stamp - created).total_seconds())
             self._finish_round(round_id, s)
+            entries = s.scalar(select(func.count()).select_from(SimilarityEdge)) or 0
         metrics.UPDATES_AGGREGATED.inc(len(published))
+        metrics.SIMILARITY_INDEX_ENTRIES.set(entries)
 
     def _finish_round(self, round_id: int | None, s: Session | None = None) -> None:
         if round_id is None:
@@ -435,6 +441,8 @@ class Aggregator:
             return
         rnd = s.get(Round, round_id)
         if rnd is not None:
+            if rnd.status != "aggregated":
+                metrics.ROUNDS_COMPLETED.inc()
             rnd.status = "aggregated"
             rnd.aggregated_at = datetime.now(UTC)
 
@@ -463,6 +471,7 @@ class Aggregator:
         """A new grouping version when membership changed."""
         latest = s.scalars(select(Grouping).order_by(Grouping.version.desc()).limit(1)).first()
         new = dict(zip(ids, labels, strict=True))
+        metrics.GROUPS_CURRENT.set(len(set(labels)))
         if latest is not None:
             old = {
                 m.client_id: m.group_index
@@ -484,3 +493,5 @@ class Aggregator:
         for client_id, label in new.items():
             s.add(GroupMember(version=version, client_id=client_id, group_index=label))
         metrics.REGROUPS.inc()
+        for label in set(labels):
+            metrics.GROUP_SIZE.observe(labels.count(label))

@@ -1,9 +1,20 @@
-"""Prometheus metrics. Labels are bounded (reasons, outcomes, queues), never ids."""
+"""Prometheus metrics of the worker and aggregator processes.
+
+Labels are bounded (reasons, outcomes, task names, operations), never update ids;
+per-client series come only from the exporter (services/metrics_exporter.py), where
+enrollment bounds them. Workers run Celery's solo pool, one process per worker with its
+own /metrics port (FEDVEC_METRICS_PORT), so the plain default registry is enough: no
+prometheus_client multiprocess mode.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# --- aggregator -----------------------------------------------------------------------
 UPDATES_RECEIVED = Counter("fedvec_updates_received_total", "update.stored events received")
 UPDATES_AGGREGATED = Counter(
     "fedvec_updates_aggregated_total", "Updates turned into a personalized adapter"
@@ -21,13 +32,72 @@ STORED_TO_PUBLISHED_SECONDS = Histogram(
     "Time from an update's row being stored to its personalized adapter being published",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )
+UPDATE_STALENESS = Histogram(
+    "fedvec_update_staleness",
+    "Versions an update is behind its client's personalized adapter when aggregated "
+    "(the staleness its weight is discounted by)",
+    buckets=(0, 1, 2, 3, 5, 10, 20),
+)
+SIMILARITY_INDEX_ENTRIES = Gauge(
+    "fedvec_similarity_index_entries", "Entries in the similarity index after the last aggregation"
+)
+GROUPS_CURRENT = Gauge("fedvec_groups_current", "Groups after the last aggregation")
+GROUP_SIZE = Histogram(
+    "fedvec_group_size",
+    "Sizes of the groups of each new grouping version",
+    buckets=(1, 2, 3, 5, 10, 20, 50, 100, 1000),
+)
+ROUNDS_COMPLETED = Counter("fedvec_rounds_completed_total", "Synchronous rounds aggregated")
+
+# --- worker ---------------------------------------------------------------------------
 FINETUNE_SECONDS = Histogram(
     "fedvec_finetune_seconds", "Worker fine-tune duration", buckets=(1, 5, 10, 30, 60, 300, 900)
 )
-
+FINETUNE_SAMPLES = Counter("fedvec_finetune_samples_total", "Training examples fine-tuned on")
+FINETUNE_TOKENS = Counter(
+    "fedvec_finetune_tokens_total", "Non-padding input tokens the model saw while fine-tuning"
+)
+FINETUNE_SAMPLES_PER_SECOND = Gauge(
+    "fedvec_finetune_samples_per_second", "Training examples per second of the last fine-tune"
+)
+FINETUNE_TOKENS_PER_SECOND = Gauge(
+    "fedvec_finetune_tokens_per_second", "Input tokens per second of the last fine-tune"
+)
+TASKS = Counter(
+    "fedvec_tasks_total",
+    "Celery tasks run by this process (task: train, evaluate, aggregate)",
+    ["task", "outcome"],  # outcome: succeeded | failed | retried
+)
 TASK_RETRIES = Counter(
     "fedvec_task_retries_total", "Tasks retried after a transient S3 or database error", ["task"]
 )
+
+# --- object store (every process) -----------------------------------------------------
+OBJECT_STORE_BYTES = Counter(
+    "fedvec_object_store_bytes_total", "Bytes moved to or from the object store", ["operation"]
+)
+OBJECT_STORE_SECONDS = Histogram(
+    "fedvec_object_store_seconds",
+    "Latency of object store transfers",
+    ["operation"],  # put | get
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def _version() -> str:
+    try:
+        return package_version("fedvec")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+BUILD_INFO = Gauge("fedvec_build_info", "fedvec version of this process (always 1)", ["version"])
+BUILD_INFO.labels(version=_version()).set(1)
+
+
+def short_task_name(name: str | None) -> str:
+    """`fedvec.train` -> `train`: the bounded task label."""
+    return (name or "unknown").rsplit(".", 1)[-1]
 
 
 def serve(port: int) -> None:

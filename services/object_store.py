@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -22,6 +23,8 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
+
+from services import metrics
 
 __all__ = [
     "LocalFolderStore",
@@ -118,23 +121,53 @@ def _copy_stream(src: BinaryIO, out: BinaryIO) -> None:
     shutil.copyfileobj(src, out, _CHUNK)
 
 
+def _record(operation: str, nbytes: int, t0: float) -> None:
+    metrics.OBJECT_STORE_BYTES.labels(operation=operation).inc(nbytes)
+    metrics.OBJECT_STORE_SECONDS.labels(operation=operation).observe(time.perf_counter() - t0)
+
+
 class ObjectStore(abc.ABC):
-    """Key -> bytes store. Writes are atomic: readers see the old or the new object."""
+    """Key -> bytes store. Writes are atomic: readers see the old or the new object.
 
-    @abc.abstractmethod
-    def put(self, key: str, data: bytes) -> None: ...
+    The transfers are timed and counted here, once for every backend; the backends
+    implement `_put`, `_put_file`, `_get` and `_get_file`. Failed transfers are not
+    recorded (their latency says nothing about the store's throughput)."""
 
-    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        t0 = time.perf_counter()
+        self._put(key, data)
+        _record("put", len(data), t0)
+
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         """Upload a file from disk without reading it whole into memory."""
+        t0 = time.perf_counter()
+        self._put_file(key, path)
+        _record("put", os.path.getsize(path), t0)
 
-    @abc.abstractmethod
     def get(self, key: str) -> bytes:
         """Raises ObjectNotFound."""
+        t0 = time.perf_counter()
+        data = self._get(key)
+        _record("get", len(data), t0)
+        return data
 
-    @abc.abstractmethod
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         """Stream to `path` atomically; raises ObjectNotFound (and then writes nothing)."""
+        t0 = time.perf_counter()
+        self._get_file(key, path)
+        _record("get", os.path.getsize(path), t0)
+
+    @abc.abstractmethod
+    def _put(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _put_file(self, key: str, path: str | os.PathLike) -> None: ...
+
+    @abc.abstractmethod
+    def _get(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def _get_file(self, key: str, path: str | os.PathLike) -> None: ...
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -186,12 +219,12 @@ class LocalFolderStore(ObjectStore):
                 f"{_what(action, key)} in {self.describe()} failed: {exc}"
             ) from exc
 
-    def put(self, key: str, data: bytes) -> None:
+    def _put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         with self._errors("put", key):
             _atomic_write(path, lambda out: out.write(data))
 
-    def put_file(self, key: str, path: str | os.PathLike) -> None:
+    def _put_file(self, key: str, path: str | os.PathLike) -> None:
         dest = self._path(key)
         with self._errors("put_file", key), open(path, "rb") as src:
             _atomic_write(dest, lambda out: _copy_stream(src, out))
@@ -203,12 +236,12 @@ class LocalFolderStore(ObjectStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._not_found(key) from None
 
-    def get(self, key: str) -> bytes:
+    def _get(self, key: str) -> bytes:
         with self._errors("get", key):
             with self._open(key) as src:
                 return src.read()
 
-    def get_file(self, key: str, path: str | os.PathLike) -> None:
+    def _get_file(self, key: str, path: str | os.PathLike) -> None:
         with self._errors("get_file", key):
             # Open the source first so a missing key leaves nothing behind at `path`.
             with self._open(key) as src:
@@ -346,13 +379,13 @@ class S3Store(ObjectStore):
                 f"{_what(action, key)} in {self.describe()} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def put(self, key: str, data: bytes) -> None:
+    def _put(self, key: str, data: bytes) -> None:
         name = self._name(key)
         with self._errors("put", key):
             # A single PUT of known length: S3 makes it visible atomically.
             self._client.put_object(self.bucket, name, io.BytesIO(data), len(data))
 
-    def put_file(self, key: str, path: str | os.PathLike) -> None:
+    def _put_file(self, key: str, path: str | os.PathLike) -> None:
         name = self._name(key)
         with self._errors("put_file", key):
             # fput_object reads part by part and switches to multipart above 5 MiB.
@@ -367,12 +400,12 @@ class S3Store(ObjectStore):
             response.close()
             response.release_conn()
 
-    def get(self, key: str) -> bytes:
+    def _get(self, key: str) -> bytes:
         name = self._name(key)
         with self._errors("get", key), self._response(name) as response:
             return response.read()
 
-    def get_file(self, key: str, path: str | os.PathLike) -> None:
+    def _get_file(self, key: str, path: str | os.PathLike) -> None:
         name = self._name(key)
         with self._errors("get_file", key), self._response(name) as response:
             # The GET has already succeeded here, so a missing key creates no file; urllib3

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import task_failure, task_retry, task_success
 
 from services import metrics
 from services.settings import Settings, load_settings
@@ -95,6 +96,28 @@ def make_app(settings: Settings) -> Celery:
 app = make_app(load_settings())
 
 
+# fedvec_tasks_total{task,outcome} of every task this process runs (train, evaluate,
+# aggregate), counted from Celery's own signals so that no task body has to remember to.
+def _count_task(sender: Task | None, outcome: str) -> None:
+    task = metrics.short_task_name(getattr(sender, "name", None))
+    metrics.TASKS.labels(task=task, outcome=outcome).inc()
+
+
+@task_success.connect
+def _count_success(sender: Task | None = None, **_: Any) -> None:
+    _count_task(sender, "succeeded")
+
+
+@task_failure.connect
+def _count_failure(sender: Task | None = None, **_: Any) -> None:
+    _count_task(sender, "failed")
+
+
+@task_retry.connect
+def _count_retry(sender: Task | None = None, **_: Any) -> None:
+    _count_task(sender, "retried")
+
+
 def retry_or_fail(task: Task, exc: Exception, settings: Settings, what: str) -> None:
     """A transient failure (S3 or the database unreachable) is retried with backoff; the
     caller handles anything else, or a transient failure past its retries, as final."""
@@ -109,7 +132,7 @@ def retry_or_fail(task: Task, exc: Exception, settings: Settings, what: str) -> 
             delay,
             exc,
         )
-        metrics.TASK_RETRIES.labels(task=task.name).inc()
+        metrics.TASK_RETRIES.labels(task=metrics.short_task_name(task.name)).inc()
         raise task.retry(exc=exc, countdown=delay)
 
 

@@ -171,6 +171,7 @@ class TrainResult:
     loss: float
     samples: int
     duration_s: float
+    tokens: int = 0  # non-padding input tokens of every training batch (throughput metrics)
 
 
 def _to_float32_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -228,6 +229,9 @@ class ModelRuntime:
         self.model.to(self.device)
         self.model.eval()
         self.keys = sorted(get_peft_model_state_dict(self.model))
+        # Non-padding input tokens of the last forward pass (set by each kind's forward,
+        # from the CPU attention mask before it moves: counting costs no device sync).
+        self.last_tokens = 0
         log.info(
             "loaded %s (%s, %s on %s) with LoRA r=%d on %s in %.1fs (%d trainable parameters)",
             settings.model_path,
@@ -344,7 +348,7 @@ class ModelRuntime:
         opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
         total = self.planned_steps(len(examples))
         t0 = time.perf_counter()
-        step, samples, loss_sum, last_loss = 0, 0, 0.0, float("nan")
+        step, samples, tokens, loss_sum, last_loss = 0, 0, 0, 0.0, float("nan")
         while step < total:
             order = list(range(len(examples)))
             rng.shuffle(order)
@@ -353,6 +357,7 @@ class ModelRuntime:
                     break
                 batch = [examples[j] for j in order[i : i + s.batch_size]]
                 loss = self.loss(batch)
+                tokens += self.last_tokens
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -369,6 +374,7 @@ class ModelRuntime:
             loss=loss_sum / max(step, 1),
             samples=samples,
             duration_s=time.perf_counter() - t0,
+            tokens=tokens,
         )
 
 
@@ -396,7 +402,9 @@ class EncoderRuntime(ModelRuntime):
             max_length=self.settings.max_length,
             padding=True,
             return_tensors="pt",
-        ).to(self.device)
+        )
+        self.last_tokens = int(enc["attention_mask"].sum())
+        enc = enc.to(self.device)
         scores = self.model(**enc).logits.squeeze(-1).float()
         return list(torch.split(scores, [len(ex.options) for ex in examples]))
 
@@ -481,6 +489,7 @@ class CausalLMRuntime(ModelRuntime):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
             scored[row, n_context : len(ids)] = True
+        self.last_tokens = int(mask.sum())
         input_ids, mask, scored = (t.to(self.device) for t in (input_ids, mask, scored))
         logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         # token t is predicted at position t - 1; only the scored positions go to float32

@@ -31,7 +31,7 @@ from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
 from workers.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
-from workers.model import ModelRuntime, get_runtime, lora_config, metric_name
+from workers.model import ModelRuntime, TrainResult, get_runtime, lora_config, metric_name
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ def load_current(store: ObjectStore, settings: Settings, current: CurrentAdapter
     )
 
 
+def record_training(result: TrainResult) -> None:
+    """Duration, volume and throughput of one fine-tune (the gauges: the last task's)."""
+    metrics.FINETUNE_SECONDS.observe(result.duration_s)
+    metrics.FINETUNE_SAMPLES.inc(result.samples)
+    metrics.FINETUNE_TOKENS.inc(result.tokens)
+    if result.duration_s > 0:
+        metrics.FINETUNE_SAMPLES_PER_SECOND.set(result.samples / result.duration_s)
+        metrics.FINETUNE_TOKENS_PER_SECOND.set(result.tokens / result.duration_s)
+
+
 def run_training(
     settings: Settings, req: TrainRequest, publish: Publish, worker: str | None = None
 ) -> dict[str, Any]:
@@ -121,7 +131,7 @@ def run_training(
             len(examples),
         )
         result = runtime.train(start, examples, seed=seed, progress=progress)
-        metrics.FINETUNE_SECONDS.observe(result.duration_s)
+        record_training(result)
         tau = task_vector(result.adapter, start)
         norm = float(sum(float((v.double() ** 2).sum()) for v in tau.values()) ** 0.5)
         meta = {"client_id": str(req.client_id), "update_uid": uid}
