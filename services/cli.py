@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -271,42 +273,246 @@ def evaluate(
 
 
 # --- inspection ------------------------------------------------------------------------
-@cli.command()
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Clients, last update per client, groups, adapter versions, queue depths."""
-    from workers.celery_app import make_app, queue_depths, queues_for_sites
+UPDATE_STATUSES = ("stored", "aggregated", "rejected", "failed")
+log = logging.getLogger("fedvec.cli")
 
-    settings = _settings(ctx)
-    _check_db(settings)
-    queues = queues_for_sites([c["site"] for c in ops.list_clients(settings)])
-    data = ops.status(settings, queue_depths(make_app(settings), queues))
-    if as_json:
-        _echo_json(data)
-        return
-    group_of = {c: g["group"] for g in data["groups"]["groups"] for c in g["clients"]}
-    rows = []
-    for r in data["clients"]:
-        last = r["last_update"] or {}
-        rows.append(
-            [
-                r["client"],
-                r["site"],
-                r["personalized_version"],
-                group_of.get(r["client"], "-"),
-                last.get("status", "-"),
-                last.get("at", "-")[:19],
-                last.get("reason") or "",
-            ]
+
+def _one_line(what: str, exc: BaseException) -> str:
+    """`WHAT unreachable: <first line of the driver's message>` (SQLAlchemy's own message
+    carries the SQL and a documentation link)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    return f"{what} unreachable: {lines[0] if lines else type(orig).__name__}"
+
+
+class _StatusSource:
+    """Collects status frames for `fedvec status`, one-shot or --watch.
+
+    strict (one-shot): a database that is unreachable or not migrated is an error (exit 2).
+    Otherwise (--watch) the frame carries the error and the next frame tries again. The
+    broker is never an error: its queue depths are then unknown ('?')."""
+
+    def __init__(self, settings: Settings, *, strict: bool) -> None:
+        self.settings = settings
+        self.strict = strict
+        self.app: Any = None  # made at the first look at the broker
+        self.sites: list[str] = []  # the last known, for the queue list in an outage
+        self.frames = 0
+        self._aggregated: int | None = None  # at the previous frame with data
+        self._at = 0.0
+
+    def collect(self) -> dict[str, Any]:
+        from services.db import check_schema
+
+        started = time.monotonic()
+        self.frames += 1
+        frame: dict[str, Any] = {
+            "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "frame": self.frames,
+            "error": None,
+            "broker_error": None,
+            "summary": None,
+            "status": None,
+        }
+        try:
+            check_schema(self.settings.resolved_database_url)
+            self.sites = [c["site"] for c in ops.list_clients(self.settings)]
+        except Exception as exc:
+            frame["error"] = self._db_error(exc)
+        frame["queues"], frame["broker_error"] = self._queue_depths()
+        if frame["error"] is None:
+            try:
+                frame["status"] = ops.status(self.settings, frame["queues"])
+            except Exception as exc:
+                frame["error"] = self._db_error(exc)
+        if frame["status"] is not None:
+            frame["summary"] = self._summary(frame["status"], started)
+        return frame
+
+    def _db_error(self, exc: Exception) -> str:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from services.db import SchemaNotReady, redact_url
+
+        if isinstance(exc, SchemaNotReady):
+            if self.strict:
+                raise exc
+            return f"database not ready: {exc}"
+        if isinstance(exc, SQLAlchemyError | OSError):
+            url = redact_url(self.settings.resolved_database_url)
+            message = f"{_one_line('database', exc)} ({url})"
+            if self.strict:
+                raise ops.OperationError(message) from None
+            return message
+        if self.strict:
+            raise exc
+        log.debug("status frame failed", exc_info=True)
+        return f"status failed: {type(exc).__name__}: {exc}"
+
+    def _queue_depths(self) -> tuple[dict[str, int | None], str | None]:
+        from workers.celery_app import make_app, queue_depths, queues_for_sites
+
+        if self.app is None:
+            self.app = make_app(self.settings)
+        queues = queues_for_sites(self.sites)
+        try:  # one quick try: queue_depths alone retries for seconds on a dead broker
+            with self.app.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+        except Exception as exc:
+            return {q: None for q in queues}, _one_line("broker", exc)
+        return queue_depths(self.app, queues), None
+
+    def _summary(self, data: dict[str, Any], started: float) -> dict[str, Any]:
+        counts = {s: 0 for s in UPDATE_STATUSES} | {k: int(v) for k, v in data["updates"].items()}
+        since = rate = None
+        if self._aggregated is not None:
+            since = counts["aggregated"] - self._aggregated
+            elapsed = started - self._at
+            rate = round(since / elapsed, 3) if elapsed > 0 else None
+        self._aggregated, self._at = counts["aggregated"], started
+        return {
+            "updates": counts,
+            "aggregated_since_last_frame": since,
+            "aggregated_per_s": rate,
+            "grouping_version": data["groups"]["version"],
+        }
+
+
+def _render_status(frame: dict[str, Any], header: str | None = None) -> str:
+    """One frame as text. Without header: what one-shot `fedvec status` always printed."""
+    lines = []
+    if header is not None:
+        lines.append(f"fedvec status  {frame['time']}  {header}")
+    if frame["error"]:
+        lines.append(frame["error"])
+    data, summary = frame["status"], frame["summary"]
+    if header is not None and summary is not None:
+        since = summary["aggregated_since_last_frame"]
+        rate = summary["aggregated_per_s"]
+        lines.append(
+            "updates: "
+            + ", ".join(f"{s} {n}" for s, n in summary["updates"].items())
+            + " | aggregated since last frame: "
+            + ("-" if since is None else f"{since} ({rate if rate is not None else '-'}/s)")
+            + f" | grouping version {summary['grouping_version'] or '-'}"
         )
-    click.echo(
-        f"strategy {data['strategy']}; updates {data['updates']}; last round {data['last_round']}"
+    if data is not None:
+        group_of = {c: g["group"] for g in data["groups"]["groups"] for c in g["clients"]}
+        rows = []
+        for r in data["clients"]:
+            last = r["last_update"] or {}
+            rows.append(
+                [
+                    r["client"],
+                    r["site"],
+                    r["personalized_version"],
+                    group_of.get(r["client"], "-"),
+                    last.get("status", "-"),
+                    last.get("at", "-")[:19],
+                    last.get("reason") or "",
+                ]
+            )
+        lines.append(
+            f"strategy {data['strategy']}; updates {data['updates']}; "
+            f"last round {data['last_round']}"
+        )
+        lines.append(
+            _table(rows, ["client", "site", "version", "group", "last update", "at", "note"])
+        )
+    queues = "queues: " + ", ".join(
+        f"{q}={'?' if n is None else n}" for q, n in frame["queues"].items()
     )
-    click.echo(_table(rows, ["client", "site", "version", "group", "last update", "at", "note"]))
-    click.echo(
-        "queues: " + ", ".join(f"{q}={'?' if n is None else n}" for q, n in data["queues"].items())
-    )
+    if frame["broker_error"]:
+        queues += f" ({frame['broker_error']})"
+    lines.append(queues)
+    return "\n".join(lines)
+
+
+def _frame_json(frame: dict[str, Any]) -> str:
+    """One JSON line of `status --json --watch`; its "status" is the one-shot object."""
+    keys = ("time", "frame", "error", "broker_error", "summary", "status")
+    return json.dumps({k: frame[k] for k in keys}, default=str)
+
+
+def _watch_status(
+    source: _StatusSource, *, interval: float, count: int | None, as_json: bool
+) -> None:
+    tty = not as_json and click.get_text_stream("stdout").isatty()
+    every = f"every {interval:g}s"
+    try:
+        while True:
+            started = time.monotonic()
+            frame = source.collect()
+            n = frame["frame"]
+            if as_json:
+                click.echo(_frame_json(frame))
+            else:
+                total = f"/{count}" if count else ""
+                text = _render_status(frame, f"({every}, frame {n}{total}; Ctrl-C to stop)")
+                if tty:
+                    click.clear()
+                elif n > 1:
+                    click.echo("")
+                click.echo(text)
+            if count is not None and n >= count:
+                return
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        if tty:
+            click.echo("")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON (with --watch: one line a frame)")
+@click.option("--watch", is_flag=True, help="redraw every --interval seconds until Ctrl-C")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="seconds between --watch frames",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="stop --watch after N frames (default: until Ctrl-C)",
+)
+@click.pass_context
+def status(
+    ctx: click.Context, as_json: bool, watch: bool, interval: float, count: int | None
+) -> None:
+    """Clients, last update per client, groups, adapter versions, queue depths.
+
+    With --watch, for a terminal without Grafana: the status is redrawn every --interval
+    seconds until Ctrl-C (which exits with code 0), each frame headed by its time and a
+    summary line: updates by status (stored, aggregated, rejected, failed), updates
+    aggregated since the previous frame and their rate per second, and the latest
+    grouping version. The screen is cleared between frames on a terminal; otherwise
+    (a pipe, a log file) frames follow each other, separated by a blank line. A database
+    or broker that goes away is shown in the frame ('database unreachable: ...', queue
+    depths '?') and watching goes on. --count N stops after N frames.
+
+    With --json --watch, one JSON object per frame and line (JSON Lines): "time",
+    "frame", "error" and "broker_error" (null when none), "summary" and "status" (what
+    `fedvec status --json` prints; null while the database is unreachable).
+
+    Without --watch, a database that is unreachable or not migrated is an error (exit 2).
+    """
+    if not watch:
+        for name in ("interval", "count"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--{name} goes with --watch")
+    settings = _settings(ctx)
+    if not watch:
+        frame = _StatusSource(settings, strict=True).collect()
+        if as_json:
+            _echo_json(frame["status"])
+        else:
+            click.echo(_render_status(frame))
+        return
+    source = _StatusSource(settings, strict=False)
+    _watch_status(source, interval=interval, count=count, as_json=as_json)
 
 
 @cli.command()
