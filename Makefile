@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-flan8 test lint clean bench-latency bench-quality bench-quality-quick
+.PHONY: install demo demo-flan8 test lint clean bench-latency bench-quality bench-quality-quick \
+	monitoring-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,17 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest -q
+
+# prometheus + promtool (Debian package, as root) for tests/test_monitoring.py; `make test`
+# does not need them: those tests skip without them (and fail under CI=true)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+monitoring-tools:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		echo "prometheus and promtool are installed"; \
+	else \
+		$(APT_INSTALL) prometheus >/dev/null || \
+		{ apt-get update -qq && $(APT_INSTALL) prometheus >/dev/null; }; \
+	fi
 
 clean:
 	rm -rf .fedvec .pytest_cache

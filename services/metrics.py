@@ -84,6 +84,31 @@ OBJECT_STORE_SECONDS = Histogram(
 )
 
 
+# Known label values start at 0: a labelled counter is otherwise born at its first
+# increment, with value 1, and rate()/increase() miss that first rejection or failure.
+REJECT_REASONS = ("invalid_file", "missing_object", "non_finite", "invalid_tensor")
+EVENT_OUTCOMES = (
+    "invalid",
+    "duplicate",
+    "accepted",
+    "aggregated",
+    "round-aggregated",
+    "rejected",
+    "failed",
+)
+TASK_NAMES = ("train", "evaluate", "aggregate")
+for _reason in REJECT_REASONS:
+    UPDATES_REJECTED.labels(reason=_reason)
+for _outcome in EVENT_OUTCOMES:
+    EVENTS.labels(outcome=_outcome)
+for _task in TASK_NAMES:
+    TASK_RETRIES.labels(task=_task)
+    for _outcome in ("succeeded", "failed", "retried"):
+        TASKS.labels(task=_task, outcome=_outcome)
+for _operation in ("put", "get"):
+    OBJECT_STORE_BYTES.labels(operation=_operation)
+
+
 def _version() -> str:
     try:
         return package_version("fedvec")

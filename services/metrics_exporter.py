@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from schema.models import (
@@ -116,6 +116,10 @@ class DatabaseCollector(Collector):
 
         try:
             with session_scope(self.settings.resolved_database_url) as s:
+                if s.get_bind().dialect.name == "postgresql":
+                    # A locked table must not pile up blocked scrapes: after a few seconds
+                    # this scrape reports the database as down and lets go.
+                    s.execute(text("SET LOCAL statement_timeout = '5s'"))
                 st = read_state(s)
         except Exception:  # noqa: BLE001 - a scrape reports the outage, it does not crash
             yield _gauge("fedvec_database_up", "1 if the database answered this scrape", 0)

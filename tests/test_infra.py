@@ -6,6 +6,7 @@ no network."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -274,9 +275,11 @@ def test_expected_files_exist():
         "README.md",
         "prometheus/prometheus.yml",
         "prometheus/prometheus-compose.yml",
+        "prometheus/alerts.yml",
+        "prometheus/alerts.test.yml",
         "grafana/provisioning/datasources/prometheus.yml",
         "grafana/provisioning/dashboards/fedvec.yml",
-        "grafana/dashboards/.gitkeep",
+        "grafana/dashboards/fedvec.json",
         "k8s/kustomization.yaml",
     ]:
         assert (INFRA / rel).is_file(), rel
@@ -465,6 +468,96 @@ def test_prometheus_scrapes_every_process_on_its_procfile_port(name):
                 assert PORTS[role] in [p["port"] for p in svc["ports"]], host
                 if role == "worker":  # DNS discovery needs one record per pod
                     assert svc.get("clusterIP") == "None", host
+
+
+def test_every_prometheus_config_loads_the_alert_rules():
+    alerts = load_yaml_all(INFRA / "prometheus/alerts.yml")[0]
+    for name, config in PROMETHEUS_CONFIGS.items():
+        assert config.get("rule_files") == ["alerts.yml"], name  # beside the config file
+    # compose mounts alerts.yml beside the config; k8s ships a copy in the same ConfigMap,
+    # mounted as the config's folder
+    mounts = dict(v.split(":")[:2] for v in SERVICES["prometheus"]["volumes"])
+    assert mounts["./prometheus/prometheus-compose.yml"] == "/etc/prometheus/prometheus.yml"
+    assert mounts["./prometheus/alerts.yml"] == "/etc/prometheus/alerts.yml"
+    configmap = k8s("ConfigMap")["prometheus-config"]["data"]
+    assert yaml.safe_load(configmap["alerts.yml"]) == alerts, "k8s copy of alerts.yml"
+    spec = pod_spec(k8s("StatefulSet")["prometheus"])
+    (container,) = spec["containers"]
+    config_arg = next(a for a in container["args"] if a.startswith("--config.file="))
+    folder = config_arg.split("=", 1)[1].rsplit("/", 1)[0]
+    volume = next(
+        v for v in spec["volumes"] if v.get("configMap", {}).get("name") == "prometheus-config"
+    )
+    assert {"name": volume["name"], "mountPath": folder} in container["volumeMounts"]
+
+
+# metric names the code defines: prometheus_client families and the exporter's gauges
+METRIC_SOURCES = [ROOT / "services/metrics.py", ROOT / "services/metrics_exporter.py"]
+
+
+def defined_metrics() -> set[str]:
+    return {n for p in METRIC_SOURCES for n in re.findall(r'"(fedvec_\w+)"', p.read_text())}
+
+
+def used_metrics(promql: str) -> set[str]:
+    """fedvec metric families a PromQL expression reads (histogram series suffixes off)."""
+    names = re.findall(r"\bfedvec_\w+", promql)
+    return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+
+
+def dashboard_panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    panels = []
+    for panel in board["panels"]:
+        panels += [panel, *panel.get("panels", [])]  # collapsed rows hold their panels
+    return panels
+
+
+def test_grafana_dashboard_rows_panels_and_variables():
+    board = json.loads((INFRA / "grafana/dashboards/fedvec.json").read_text())
+    assert board["uid"] == "fedvec"
+    panels = dashboard_panels(board)
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert rows == ["Service overview", "Aggregation", "Groups", "Workers", "Per client"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["client"]["definition"] == (
+        "label_values(fedvec_client_last_update_age_seconds, client)"
+    )
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        # the datasource variable: works provisioned and imported into any Grafana
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"] and panel.get("description"), panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip() and target["datasource"] == panel["datasource"]
+    # no two panels overlap on Grafana's 24-column grid
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24, panel["title"]
+        area = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
+        assert not cells & area, f"{panel['title']} overlaps another panel"
+        cells |= area
+
+
+def test_dashboard_and_alerts_read_only_metrics_the_code_defines():
+    defined = defined_metrics()
+    assert len(defined) > 30
+    board = json.loads((INFRA / "grafana/dashboards/fedvec.json").read_text())
+    exprs = [t["expr"] for p in dashboard_panels(board) for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in board["templating"]["list"] if "definition" in v]
+    rules = load_yaml_all(INFRA / "prometheus/alerts.yml")[0]["groups"]
+    exprs += [r["expr"] for g in rules for r in g["rules"]]
+    unknown = {n for e in exprs for n in used_metrics(e)} - defined
+    assert not unknown, f"not defined in {[p.name for p in METRIC_SOURCES]}: {unknown}"
+    # every job an expression names is one the scrape configs have
+    jobs = {j for e in exprs for j in re.findall(r'job="([^"]+)"', e)}
+    assert jobs <= {f"fedvec-{role}" for role in ROLES}, jobs
 
 
 def test_compose_processes_serve_metrics_on_the_procfile_ports():

@@ -13,6 +13,7 @@ from celery import Celery, Task
 from prometheus_client import REGISTRY
 
 from schema.events import TrainRequest
+from services import metrics
 from services import operations as ops
 from services.object_store import ObjectStore
 from tests import test_causal_lm as causal
@@ -170,3 +171,18 @@ def test_build_info_names_the_installed_version():
     from importlib.metadata import version
 
     assert value("fedvec_build_info", version=version("fedvec")) == 1
+
+
+def test_labelled_counters_start_at_zero():
+    # Born at 0, so the first rejection or failure after a restart shows in rate().
+    from prometheus_client import REGISTRY
+
+    for reason in metrics.REJECT_REASONS:
+        assert (
+            REGISTRY.get_sample_value("fedvec_updates_rejected_total", {"reason": reason})
+            is not None
+        )
+    assert (
+        REGISTRY.get_sample_value("fedvec_tasks_total", {"task": "train", "outcome": "failed"})
+        is not None
+    )
