@@ -731,7 +731,8 @@ def test_k8s_selectors_and_references_resolve():
                 assert any(target in (p.get("name"), p["containerPort"]) for p in cports), (
                     f"Service/{name} port {target} is not a port of {o['metadata']['name']}"
                 )
-    configmaps, secrets = set(k8s("ConfigMap")), set(k8s("Secret"))
+    generated = {g["name"] for g in KUSTOMIZATION.get("configMapGenerator", [])}
+    configmaps, secrets = set(k8s("ConfigMap")) | generated, set(k8s("Secret"))
     claims = set(k8s("PersistentVolumeClaim"))
     for obj in pods:
         spec = pod_spec(obj)
@@ -806,7 +807,15 @@ def test_kustomize_renders_into_one_namespace_with_the_pushed_image():
     )
     assert out.returncode == 0, out.stderr
     objects = [o for o in yaml.safe_load_all(out.stdout) if o]
-    assert len(objects) == len(K8S_OBJECTS)
+    generated = KUSTOMIZATION.get("configMapGenerator", [])
+    assert len(objects) == len(K8S_OBJECTS) + len(generated)
+    # the generated ConfigMap gets a content hash in its name; the volumes follow it
+    dashboards = [o for o in objects if o["metadata"]["name"].startswith("grafana-dashboards-")]
+    assert len(dashboards) == 1 and "fedvec.json" in dashboards[0]["data"]
+    volumes = [v for o in objects if pod_spec(o) for v in pod_spec(o).get("volumes", [])]
+    assert dashboards[0]["metadata"]["name"] in {
+        v.get("configMap", {}).get("name") for v in volumes
+    }
     namespace = KUSTOMIZATION["namespace"]
     for obj in objects:
         if obj["kind"] != "Namespace":
@@ -816,3 +825,10 @@ def test_kustomize_renders_into_one_namespace_with_the_pushed_image():
     rendered = [c["image"] for o in objects if pod_spec(o) for c in containers(pod_spec(o))]
     assert wanted in rendered
     assert not [i for i in rendered if image_repo(i) == FEDVEC_IMAGE and i != wanted]
+
+
+def test_k8s_grafana_gets_the_same_dashboard():
+    [gen] = [g for g in KUSTOMIZATION["configMapGenerator"] if g["name"] == "grafana-dashboards"]
+    for rel in gen["files"]:
+        copy = K8S / rel
+        assert copy.read_bytes() == (INFRA / "grafana/dashboards" / copy.name).read_bytes(), rel
