@@ -318,6 +318,22 @@ def run_strategy(
     return rows, groups, similarity
 
 
+def reference_scores(
+    evaluator: Evaluator, clients: list[DemoClient], limit: int | None
+) -> dict[str, dict[str, float]]:
+    """Per task, what needs no learning: always giving the test split's most frequent
+    answer, and picking an option at random (expected accuracy)."""
+    out: dict[str, dict[str, float]] = {}
+    for c in clients:
+        ex = evaluator.examples(c, limit or 0)
+        answers = [e.options[e.label] for e in ex]
+        out[c.task] = {
+            "majority": max(answers.count(a) for a in set(answers)) / len(ex),
+            "chance": sum(1 / len(e.options) for e in ex) / len(ex),
+        }
+    return out
+
+
 def run_quality_bench(
     settings: Settings, plan: BenchPlan, out_dir: Path, echo: Echo, command: str = ""
 ) -> dict[str, Any]:
@@ -365,6 +381,7 @@ def run_quality_bench(
             if sim is not None:
                 similarity = {**sim, "strategy": strategy, "seed": seed}
     meta = {
+        "reference": reference_scores(evaluator, clients, plan.test_per_client),
         "commit": git_commit(),
         "dataset": plan.dataset,
         "seeds": list(plan.seeds),

@@ -434,7 +434,7 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
         ("command", f"`{meta.get('command', '?')}`"),
     ]
     shown = {"commit", "dataset", "seeds", "rounds", "strategies", "settings", "started"}
-    shown |= {"duration_s", "command", "train_per_client", "test_per_client"}
+    shown |= {"duration_s", "command", "train_per_client", "test_per_client", "reference"}
     new = meta.get("new_client")
     if isinstance(new, dict):
         text = f"{new.get('name', '?')} ({new.get('task', '?')})"
@@ -473,13 +473,27 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
         "",
         "## Table 2 — personalized accuracy per task",
         "",
-        "| task | " + " | ".join(strategies) + " |",
-        "| --- |" + " ---: |" * len(strategies),
+    ]
+    # what needs no learning, where the runner measured it (always the most frequent
+    # answer; a random option): the level a strategy must beat to have learned anything
+    reference = meta.get("reference") or {}
+    ref_cols = [k for k in ("majority", "chance") if any(k in r for r in reference.values())]
+    lines += [
+        "| task | " + " | ".join(strategies + [f"*{k}*" for k in ref_cols]) + " |",
+        "| --- |" + " ---: |" * (len(strategies) + len(ref_cols)),
     ]
     for task in summary["tasks"]:
         best = summary["best_per_task"][task]
         cells = [_fmt(summary["table2"][task][s], s in best) for s in strategies]
+        ref = reference.get(task, {})
+        cells += [f"*{ref[k]:.3f}*" if k in ref else "–" for k in ref_cols]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    if ref_cols:
+        lines += [
+            "",
+            "*majority*: always giving the test split's most frequent answer; *chance*: "
+            "picking an option at random (expected accuracy). Neither needs training.",
+        ]
     lines += ["", "## Reading the numbers", ""]
     lines.append(" ".join(summary["reading"]) or "No personalized measurements.")
     groups = summary["groups"]

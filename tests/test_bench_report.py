@@ -294,3 +294,15 @@ def test_without_matplotlib_writes_tables(tmp_path: Path, monkeypatch: pytest.Mo
     assert summary["plots"] == {}
     assert "matplotlib is not installed" in (tmp_path / "report.md").read_text()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_reference_columns(tmp_path: Path) -> None:
+    data = synthetic()
+    tasks = sorted({r["task"] for r in data.rows if r["kind"] == "personalized"})
+    data.meta["reference"] = {t: {"majority": 0.645, "chance": 0.5} for t in tasks[:1]}
+    write_report(tmp_path, data)
+    report = (tmp_path / "report.md").read_text()
+    assert "| *majority* | *chance* |" in report
+    assert f"| {tasks[0]} |" in report and "*0.645* | *0.500* |" in report
+    assert "most frequent answer" in report
+    assert "**reference**" not in report  # a table column, not a setting line
