@@ -491,8 +491,9 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
     if ref_cols:
         lines += [
             "",
-            "*majority*: always giving the test split's most frequent answer; *chance*: "
-            "picking an option at random (expected accuracy). Neither needs training.",
+            "*majority*: always picking the option at the most frequent answer position; "
+            "*chance*: picking an option at random (expected accuracy). Neither needs "
+            "training.",
         ]
     lines += ["", "## Reading the numbers", ""]
     lines.append(" ".join(summary["reading"]) or "No personalized measurements.")

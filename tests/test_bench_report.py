@@ -304,5 +304,5 @@ def test_reference_columns(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "| *majority* | *chance* |" in report
     assert f"| {tasks[0]} |" in report and "*0.645* | *0.500* |" in report
-    assert "most frequent answer" in report
+    assert "most frequent answer position" in report
     assert "**reference**" not in report  # a table column, not a setting line
