@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from datetime import datetime
@@ -439,8 +440,21 @@ def _watch_status(
 ) -> None:
     tty = not as_json and click.get_text_stream("stdout").isatty()
     every = f"every {interval:g}s"
+    # Ctrl-C sets a flag that the loop checks between frames, instead of raising wherever
+    # the process happens to be: a KeyboardInterrupt inside the database or broker client
+    # can be swallowed by its retry code, and the watch then never ends.
+    stopped = False
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+
     try:
-        while True:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Ctrl-C raises KeyboardInterrupt as usual
+        previous = None
+    try:
+        while not stopped:
             started = time.monotonic()
             frame = source.collect()
             n = frame["frame"]
@@ -457,9 +471,14 @@ def _watch_status(
             if count is not None and n >= count:
                 return
             time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        if tty:
+            click.echo("")
     except KeyboardInterrupt:
         if tty:
             click.echo("")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 @cli.command()
