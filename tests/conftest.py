@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -118,15 +119,23 @@ def embedded_settings(tmp_path):
 def distributed_settings(tmp_path, postgres_url, s3_endpoint):
     """PostgreSQL + S3 server (the broker stays local: these tests do not send tasks)."""
     from services.db import upgrade
+
+    settings = service_settings(tmp_path, postgres_url, s3_endpoint)
+    upgrade(settings.resolved_database_url)
+    return settings
+
+
+def service_settings(home, database_url: str, s3_endpoint: str, **overrides):
+    """Settings of a deployment on this PostgreSQL database and S3 server, in a fresh bucket
+    (no .env, no environment: only what the test says)."""
     from services.settings import load_settings
 
-    settings = load_settings(environ={}, dotenv=tmp_path / "no.env").replace(
-        home=str(tmp_path),
-        database_url=postgres_url,
+    return load_settings(environ={}, dotenv=Path(home) / "no.env").replace(
+        home=str(home),
+        database_url=database_url,
         object_store_url=f"s3://fedvec-{uuid.uuid4().hex[:12]}",
         s3_endpoint=s3_endpoint,
         s3_access_key=S3_ACCESS_KEY,
         s3_secret_key=S3_SECRET_KEY,
+        **overrides,
     )
-    upgrade(settings.resolved_database_url)
-    return settings

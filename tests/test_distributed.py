@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import DemoClient, build_demo_clients
 from services.s3_server import start_s3_server
-from services.settings import Settings, load_settings
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, create_postgres_database, redis_broker_url
+from services.settings import Settings
+from tests.conftest import create_postgres_database, redis_broker_url, service_settings
 from workers.celery_app import AGGREGATE_TASK, make_app, queue_depths, train_queue
 
 pytestmark = pytest.mark.slow
@@ -72,14 +71,11 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path, s3_endpoint) -> Iterator[Deployment]:
     url, drop = create_postgres_database()
-    settings = load_settings(environ={}, dotenv=tmp_path / "no.env").replace(
-        home=str(tmp_path),
-        database_url=url,
+    settings = service_settings(
+        tmp_path,
+        url,
+        s3_endpoint,
         broker_url=redis_broker_url(),
-        object_store_url=f"s3://fedvec-{uuid.uuid4().hex[:12]}",
-        s3_endpoint=s3_endpoint,
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
         max_steps=2,
         batch_size=4,
         max_length=48,

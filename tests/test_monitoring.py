@@ -47,12 +47,11 @@ from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
 from services.s3_server import start_s3_server
-from services.settings import Settings, load_settings
+from services.settings import Settings
 from tests.conftest import (
-    S3_ACCESS_KEY,
-    S3_SECRET_KEY,
     create_postgres_database,
     redis_broker_url,
+    service_settings,
     unavailable,
 )
 from workers.celery_app import AGGREGATE_TASK, make_app
@@ -272,14 +271,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     except RuntimeError as exc:
         drop()
         unavailable("S3 test server", exc)
-    settings = load_settings(environ={}, dotenv=home / "no.env").replace(
-        home=str(home),
-        database_url=url,
+    settings = service_settings(
+        home,
+        url,
+        endpoint,
         broker_url=redis_broker_url(),
-        object_store_url=f"s3://fedvec-{uuid.uuid4().hex[:12]}",
-        s3_endpoint=endpoint,
-        s3_access_key=S3_ACCESS_KEY,
-        s3_secret_key=S3_SECRET_KEY,
         max_steps=2,
         batch_size=4,
         max_length=48,
