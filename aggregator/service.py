@@ -47,7 +47,7 @@ from schema.models import (
 from services import adapter_store as ads
 from services import metrics
 from services.context import object_store
-from services.db import exclusive, session_scope
+from services.db import as_utc, exclusive, session_scope
 from services.object_store import ObjectNotFound
 from services.settings import Settings
 
@@ -423,9 +423,7 @@ class Aggregator:
                 upd = s.get(Update, loaded[ids.index(client_id)].update.id)
                 upd.status = "aggregated"
                 upd.aggregated_at = stamp
-                created = upd.created_at
-                if created.tzinfo is None:  # SQLite keeps no time zone
-                    created = created.replace(tzinfo=UTC)
+                created = as_utc(upd.created_at)
                 metrics.STORED_TO_PUBLISHED_SECONDS.observe((stamp - created).total_seconds())
             self._finish_round(round_id, s)
             entries = s.scalar(select(func.count()).select_from(SimilarityEdge)) or 0

@@ -29,12 +29,8 @@ from schema.models import (
     Update,
 )
 from services import metrics  # noqa: F401 - fedvec_build_info of this process too
-from services.db import session_scope
+from services.db import as_utc, session_scope
 from services.settings import Settings
-
-
-def _aware(stamp: datetime) -> datetime:
-    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC)  # SQLite: naive
 
 
 def read_state(s: Session) -> dict[str, Any]:
@@ -159,7 +155,7 @@ class DatabaseCollector(Collector):
             labels=["client"],
         )
         for name, stamp in st["last_update"]:
-            g.add_metric([name], max(0.0, (now - _aware(stamp)).total_seconds()))
+            g.add_metric([name], max(0.0, (now - as_utc(stamp)).total_seconds()))
         yield g
         g = GaugeMetricFamily(
             "fedvec_client_personalized_version",
