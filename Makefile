@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo demo-flan8 test lint clean bench-latency bench-quality bench-quality-quick \
+	bench-scale bench-scale-quick bench-worker bench-worker-quick bench-peer bench-peer-quick \
 	monitoring-tools
 
 $(STAMP): pyproject.toml
@@ -34,6 +35,28 @@ bench-quality-quick: install
 # time from update.stored to the personalized adapter on Redis + PostgreSQL + S3
 bench-latency: install
 	$(BIN)/fedvec bench latency --updates 60
+
+# aggregator cost per update at N = 100..10,000 clients × d = 74k..4.2M (about 6 min)
+bench-scale: install
+	$(BIN)/fedvec bench scale
+
+bench-scale-quick: install
+	$(BIN)/fedvec bench scale --quick
+
+# the Celery fine-tune task against a bare PEFT loop; fedvec's adapter store against raw
+# minio put/get (about 12 min; --device cuda on a GPU machine)
+bench-worker: install
+	$(BIN)/fedvec bench worker
+
+bench-worker-quick: install
+	$(BIN)/fedvec bench worker --quick
+
+# the same FedAvg run in Flower's simulation and in fedvec, seconds per round side by side
+bench-peer: install
+	$(BIN)/fedvec bench peer --out .fedvec/bench/peer
+
+bench-peer-quick: install
+	$(BIN)/fedvec bench peer --quick --out .fedvec/bench/peer-quick
 
 lint: install
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from aggregator.task_vectors import StateDict
 from services.object_store import ObjectStore
 
 INITIAL_ADAPTER_KEY = "global/initial_adapter.safetensors"
 ADAPTER_CONFIG_KEY = "global/adapter_config.json"
+# Larger states go to the store from a temporary file, part by part (S3 multipart starts at
+# 5 MiB), so their serialized bytes are never in memory whole beside their tensors.
+STREAM_ABOVE_BYTES = 5 * 2**20
 
 
 class InvalidAdapter(ValueError):
@@ -43,11 +48,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _cpu_float32(state: StateDict) -> StateDict:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(state.items())}
+
+
 def encode(state: StateDict, metadata: dict[str, str] | None = None) -> bytes:
-    tensors = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(state.items())
-    }
-    return st_save(tensors, metadata=metadata)
+    return st_save(_cpu_float32(state), metadata=metadata)
 
 
 def decode(data: bytes, *, max_bytes: int, what: str = "adapter") -> StateDict:
@@ -60,10 +66,19 @@ def decode(data: bytes, *, max_bytes: int, what: str = "adapter") -> StateDict:
 
 
 def put_state(store: ObjectStore, key: str, state: StateDict, **metadata: str) -> str:
-    """Write a state dict; returns its sha256."""
-    data = encode(state, metadata or None)
-    store.put(key, data)
-    return sha256(data)
+    """Write a state dict (as `encode` does); returns the sha256 of the stored bytes."""
+    tensors = _cpu_float32(state)
+    if sum(t.nbytes for t in tensors.values()) <= STREAM_ABOVE_BYTES:
+        data = st_save(tensors, metadata=metadata or None)
+        store.put(key, data)
+        return sha256(data)
+    with tempfile.TemporaryDirectory(prefix="fedvec-state-") as tmp:
+        path = Path(tmp) / "state.safetensors"
+        st_save_file(tensors, path, metadata=metadata or None)  # written from the tensors
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        store.put_file(key, path)
+    return digest
 
 
 def get_state(

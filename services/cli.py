@@ -824,6 +824,144 @@ def bench_latency(
         _echo_json(result)
 
 
+@bench.command("worker")
+@click.option("--quick", is_flag=True, help="2 steps, 1 repeat, adapters up to 8 MiB: under 2 min")
+@click.option("--steps", type=int, default=None, help="LoRA steps per fine-tune (default 8)")
+@click.option("--repeats", type=int, default=None, help="timed runs of each kind (default 5)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+@click.pass_context
+def bench_worker(
+    ctx: click.Context,
+    quick: bool,
+    steps: int | None,
+    repeats: int | None,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Worker overhead: a bare transformers+peft loop against fedvec's Celery train task
+    (a real worker process) on the same data, steps and seed; adapter upload and download
+    through fedvec against raw minio on moto's S3 server; GPU samples/s and peak memory."""
+    from services.bench_worker import plan_for, run_worker_bench
+
+    plan = plan_for(quick=quick, steps=steps, repeats=repeats, device=device)
+    result = run_worker_bench(
+        _settings(ctx),
+        plan,
+        echo=(lambda _m: None) if as_json else click.echo,
+        command="fedvec " + " ".join(sys.argv[1:]),
+    )
+    if as_json:
+        _echo_json(result)
+
+
+@bench.command("peer")
+@click.option("--quick", is_flag=True, help="2 clients, 2 rounds, small splits: about a minute")
+@click.option("--rounds", type=int, default=None, help="default 5; quick 2")
+@click.option("--clients", type=int, default=None, help="how many clients (default 6; quick 2)")
+@click.option("--train-per-client", type=int, default=None, help="default 64; quick 8")
+@click.option("--test-per-client", type=int, default=None, help="default 128; quick 16")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--dataset",
+    type=click.Choice(["auto", "flan8", "demo"]),
+    default="auto",
+    show_default=True,
+    help="auto: flan8 when its folder is there, else demo",
+)
+@click.option(
+    "--out", "out_dir", default=None, help="folder for the runs (default: FEDVEC_HOME/bench/peer)"
+)
+@click.option("--profile", is_flag=True, help="py-spy on fedvec's processes during rounds 2..R")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.pass_context
+def bench_peer(
+    ctx: click.Context,
+    quick: bool,
+    rounds: int | None,
+    clients: int | None,
+    train_per_client: int | None,
+    test_per_client: int | None,
+    seed: int,
+    dataset: str,
+    out_dir: str | None,
+    profile: bool,
+    as_json: bool,
+) -> None:
+    """The same MiniLM + LoRA FedAvg run in Flower's simulation and in fedvec's synchronous
+    mode (same clients, rounds, steps and seed): seconds per round and final accuracy side
+    by side. Needs the bench extra (flwr[simulation]). About 8 minutes; --quick about one."""
+    import dataclasses
+
+    from services.bench_peer import QUICK, PeerPlan, run_peer_bench
+
+    given = {
+        "rounds": rounds,
+        "clients": clients,
+        "train_per_client": train_per_client,
+        "test_per_client": test_per_client,
+    }
+    plan = dataclasses.replace(
+        QUICK if quick else PeerPlan(),
+        seed=seed,
+        dataset=dataset,
+        profile=profile,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    settings = _settings(ctx)
+    out = Path(out_dir) if out_dir else settings.home_path / "bench" / "peer"
+    result = run_peer_bench(
+        settings, plan, out.resolve(), echo=(lambda _m: None) if as_json else click.echo
+    )
+    if as_json:
+        _echo_json(result)
+
+
+@bench.command("scale")
+@click.option("--quick", is_flag=True, help="small grid (N 100, 1000; d 74k, 262k): under 2 min")
+@click.option("--clients", default=None, help="comma-separated N (default 100,1000,10000)")
+@click.option("--dims", default=None, help="comma-separated d (default 74000,1000000,4200000)")
+@click.option("--sketch-dim", type=int, default=None, help="sketch size k (default 20480)")
+@click.option("--peers", type=int, default=None, help="peers m in an aggregate (default 16)")
+@click.option("--threads", type=int, default=None, help="torch threads for the math (default 1)")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as JSON")
+def bench_scale(
+    quick: bool,
+    clients: str | None,
+    dims: str | None,
+    sketch_dim: int | None,
+    peers: int | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Aggregator cost per update at N clients × d parameters with the sketch index, against
+    the naive exact row; sketch error and group agreement against exact similarity.
+    Synthetic task vectors with planted groups; the full grid takes about 6 min on 2 cores."""
+    import dataclasses
+
+    from services.bench_scale import QUICK, ScalePlan, run_scale_bench
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
+
+    plan = QUICK if quick else ScalePlan()
+    changes: dict[str, Any] = {}
+    if clients:
+        changes["clients"] = ints(clients)
+    if dims:
+        changes["dims"] = ints(dims)
+    if sketch_dim is not None:
+        changes["k"] = sketch_dim
+    if peers is not None:
+        changes["peers"] = peers
+    if threads is not None:
+        changes["threads"] = threads
+    plan = dataclasses.replace(plan, **changes)
+    summary = run_scale_bench(plan, (lambda _m: None) if as_json else click.echo, show=not as_json)
+    if as_json:
+        _echo_json(summary)
+
+
 def main() -> None:
     cli(prog_name="fedvec")
 
