@@ -26,6 +26,9 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices, smoothed_similarity
+from aggregator.sketch import from_bytes as sketch_from_bytes
+from aggregator.sketch import sketch_state_dict
+from aggregator.sketch_index import SketchIndex
 from aggregator.strategies import Contribution, Plan, Strategy, get_strategy
 from aggregator.task_vectors import (
     InvalidTaskVector,
@@ -54,6 +57,11 @@ from services.settings import Settings
 log = logging.getLogger(__name__)
 
 ACCEPTED = ("stored", "aggregated")
+CACHE_BYTES = 1 << 30  # loaded (τ, θ) pairs kept in memory
+
+
+def _nbytes(sd: StateDict) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
 REPORTED = ("stored", "aggregated", "rejected", "failed")
 
 
@@ -81,9 +89,15 @@ class Aggregator:
             staleness_exponent=settings.staleness_exponent,
         )
         self._expected: dict[str, tuple[int, ...]] | None = None
-        # update id -> (τ, θ): task vectors are immutable, so caching them is safe
+        # update id -> (τ, θ): task vectors are immutable, so caching them is safe. Bounded
+        # in bytes: at 7B-model adapter sizes a few hundred pairs are already gigabytes.
         self._cache: OrderedDict[int, tuple[StateDict, StateDict]] = OrderedDict()
-        self._cache_size = 4096
+        self._cache_bytes = 0
+        self._cache_limit = CACHE_BYTES
+        # aggregate_peers > 0: sketches of every client's latest update, built from the
+        # database at the first aggregation and kept up to date after it
+        self._index: SketchIndex | None = None
+        self._indexed: dict[int, int] = {}  # client id -> update id of its indexed sketch
 
     # --- entry point ------------------------------------------------------------------
     def handle(self, data: Any) -> str:
@@ -193,8 +207,10 @@ class Aggregator:
             label = "non_finite" if ("NaN" in str(exc) or "Inf" in str(exc)) else "invalid_tensor"
             raise RejectedUpdate(str(exc), label) from None
         self._cache[update.id] = (tau, theta)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache_bytes += _nbytes(tau) + _nbytes(theta)
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            _, (old_tau, old_theta) = self._cache.popitem(last=False)
+            self._cache_bytes -= _nbytes(old_tau) + _nbytes(old_theta)
         return tau, theta
 
     def _reject(self, update: Update, exc: RejectedUpdate) -> None:
@@ -244,17 +260,23 @@ class Aggregator:
             s.scalars(select(Update).where(Update.id.in_(newest)).order_by(Update.client_id))
         )
 
-    def _contributions(self) -> tuple[list[Loaded], dict[int, tuple[int, int]]]:
-        """The latest accepted update of every client, loaded; plus, per client, its current
+    def _contributions(
+        self, targets: list[int]
+    ) -> tuple[list[Loaded], dict[int, tuple[int, int]]]:
+        """The latest accepted update of every client (with aggregate_peers = m > 0: of the
+        targets and their m nearest clients by sketch), loaded; plus, per client, its current
         personalized (version, watermark)."""
         with session_scope(self.db_url) as s:
             latest = self._latest_accepted(s)
-            current: dict[int, tuple[int, int]] = {}
-            rows = s.scalars(
-                select(PersonalizedAdapter).order_by(
-                    PersonalizedAdapter.client_id, PersonalizedAdapter.version
-                )
+            if self.settings.aggregate_peers > 0:
+                latest = self._nearest(s, latest, targets)
+            newest = (
+                select(func.max(PersonalizedAdapter.id))
+                .where(PersonalizedAdapter.client_id.in_([u.client_id for u in latest]))
+                .group_by(PersonalizedAdapter.client_id)
             )
+            current: dict[int, tuple[int, int]] = {}
+            rows = s.scalars(select(PersonalizedAdapter).where(PersonalizedAdapter.id.in_(newest)))
             for row in rows:
                 current[row.client_id] = (row.version, int(row.sources.get("watermark", 0)))
         loaded: list[Loaded] = []
@@ -270,7 +292,7 @@ class Aggregator:
     def aggregate(self, targets: list[int], *, round_id: int | None) -> None:
         """Publish a new θ̄ for each target client whose own update is fresh."""
         t0 = time.perf_counter()
-        loaded, current = self._contributions()
+        loaded, current = self._contributions(targets)
         if not loaded:
             self._finish_round(round_id)
             return
@@ -343,6 +365,56 @@ class Aggregator:
             len(set(plan.groups)),
             elapsed,
         )
+
+    # --- the sketch index (aggregate_peers > 0) ----------------------------------------
+    def _nearest(self, s: Session, latest: list[Update], targets: list[int]) -> list[Update]:
+        """The targets' and their peers' updates among `latest`: the index is brought up
+        to date with every client's latest sketch, then each target takes the m members of
+        its sketch group most similar to it. Work: one pass over the N × k sketches per
+        aggregation, plus reading the sketches that changed; never N full task vectors."""
+        k, m = self.settings.sketch_dim, self.settings.aggregate_peers
+        if k <= 0:
+            raise ValueError("FEDVEC_AGGREGATE_PEERS needs sketches: set FEDVEC_SKETCH_DIM > 0")
+        if self._index is None:
+            self._index = SketchIndex(k, self.settings.group_threshold, capacity=len(latest))
+        index = self._index
+        by_client = {u.client_id: u for u in latest}
+        for gone in [c for c in self._indexed if c not in by_client]:
+            index.remove(gone)
+            del self._indexed[gone]
+        wanted = set(targets) & set(by_client)
+        changed = [
+            u for u in latest if self._indexed.get(u.client_id) != u.id or u.client_id in wanted
+        ]
+        query = select(Update.id, Update.sketch).where(Update.id.in_([u.id for u in changed]))
+        stored = {update_id: data for update_id, data in s.execute(query)}
+        others, mine = [], []
+        for u in changed:
+            pair = (u.client_id, self._sketch_of(u, stored.get(u.id)))
+            (mine if u.client_id in wanted else others).append(pair)
+            self._indexed[u.client_id] = u.id
+        # bulk rows without similarity (start-up), then the targets with theirs, which see
+        # every new sketch
+        index.update(others, similarity=False)
+        keep = set(wanted)
+        for row in index.update(mine):
+            keep.update(index.peers(row, m))
+        metrics.SIMILARITY_INDEX_CLIENTS.set(len(index))
+        return [u for u in latest if u.client_id in keep]
+
+    def _sketch_of(self, update: Update, stored: bytes | None) -> torch.Tensor:
+        """The worker's sketch of τ; made here from τ for an update without a usable one
+        (stored before sketches existed, or by a worker with other sketch settings)."""
+        k = self.settings.sketch_dim
+        if stored is not None:
+            try:
+                return sketch_from_bytes(stored, k)
+            except ValueError as exc:
+                log.warning(
+                    "client=%s update=%s: %s; sketching τ here", update.client_id, update.uid, exc
+                )
+        tau, _ = self._load(update)
+        return sketch_state_dict(tau, k, self.settings.sketch_seed)
 
     def _similarity_index(self, loaded: list[Loaded], now: torch.Tensor) -> torch.Tensor:
         """The stored index for these clients, moved by what their new vectors show."""
@@ -417,7 +489,11 @@ class Aggregator:
                             updated_at=stamp,
                         )
                     )
-            self._store_groups(s, ids, plan.groups, round_id)
+            if self._index is not None and self.settings.aggregate_peers > 0:
+                labels = self._index.labels()  # the whole population's groups, by sketch
+                self._store_groups(s, list(labels), list(labels.values()), round_id)
+            else:
+                self._store_groups(s, ids, plan.groups, round_id)
             for client_id, row in published:
                 s.add(row)
                 upd = s.get(Update, loaded[ids.index(client_id)].update.id)

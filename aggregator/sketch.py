@@ -215,3 +215,19 @@ def expected_error(k: int, d: int, rho: float = 0.0) -> float:
     if d <= k:
         return 0.0
     return (1.0 - rho * rho) * math.sqrt((1.0 - k / d) / k)
+
+
+def to_bytes(s: torch.Tensor) -> bytes:
+    """A sketch as stored on the update row: float32, little-endian."""
+    flat = s.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return flat.numpy().astype("<f4").tobytes()
+
+
+def from_bytes(data: bytes, k: int) -> torch.Tensor:
+    """The stored sketch back as float32 [k]; ValueError if it is not k finite floats."""
+    if len(data) != 4 * k:
+        raise ValueError(f"stored sketch has {len(data)} bytes, expected {4 * k} (k={k})")
+    s = torch.frombuffer(bytearray(data), dtype=torch.float32)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("stored sketch has NaN/Inf entries")
+    return s

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -74,6 +75,8 @@ class Update(Base):
     task_vector_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     task_vector_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     task_vector_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # count sketch of τ (float32 little-endian, aggregator/sketch.py), written by the worker
+    sketch: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
     num_examples: Mapped[int] = mapped_column(Integer, default=0)
     steps: Mapped[int] = mapped_column(Integer, default=0)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -41,6 +41,10 @@ UPDATE_STALENESS = Histogram(
 SIMILARITY_INDEX_ENTRIES = Gauge(
     "fedvec_similarity_index_entries", "Entries in the similarity index after the last aggregation"
 )
+SIMILARITY_INDEX_CLIENTS = Gauge(
+    "fedvec_sketch_index_clients",
+    "Clients in the aggregator's in-memory sketch index (FEDVEC_AGGREGATE_PEERS > 0)",
+)
 GROUPS_CURRENT = Gauge("fedvec_groups_current", "Groups after the last aggregation")
 GROUP_SIZE = Histogram(
     "fedvec_group_size",

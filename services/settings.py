@@ -69,6 +69,14 @@ class Settings:
     similarity_memory: float = 0.7  # weight of the index's past value when a vector changes
     staleness_exponent: float = 0.5
     max_adapter_bytes: int = 64 * 2**20
+    # Count sketch of every task vector (aggregator/sketch.py), computed by the worker:
+    # k floats per update (80 KB at the default); 0 turns sketches off.
+    sketch_dim: int = 20_480
+    sketch_seed: int = 0  # every worker and the aggregator must share it
+    # 0: each personalized aggregate reads every client's latest update (exact; fine for
+    # hundreds of clients). m > 0: only the client and the m clients of its sketch group
+    # most similar to it, so per-update work stops growing with the number of clients.
+    aggregate_peers: int = 0
 
     flan8_dir: str = "../shared/data/flan8"
     log_level: str = "INFO"

@@ -12,6 +12,7 @@ import torch
 from sqlalchemy import func, select
 
 from aggregator.service import Aggregator
+from aggregator.sketch import sketch_state_dict, to_bytes
 from schema.events import UpdateFailed, UpdateStored
 from schema.models import (
     Client,
@@ -85,7 +86,9 @@ class Harness:
             return 0, initial()
         return row.version, ads.get_state(self.store, row.key, max_bytes=2**30)
 
-    def update(self, client_id: int, tau: dict, round_id: int | None) -> UpdateStored:
+    def update(
+        self, client_id: int, tau: dict, round_id: int | None, sketch: bytes | None = None
+    ) -> UpdateStored:
         version, base = self.current(client_id)
         uid = str(uuid.uuid4())
         akey, tkey = ads.update_keys(client_id, uid)
@@ -105,6 +108,7 @@ class Harness:
                     task_vector_key=tkey,
                     task_vector_sha256=t_sha,
                     num_examples=10,
+                    sketch=sketch,
                 )
             )
         return UpdateStored(update_uid=uid, client_id=client_id, round_id=round_id)
@@ -279,3 +283,43 @@ def test_asynchronous_updates_apply_each_peer_vector_once(harness):
             .order_by(PersonalizedAdapter.version.desc())
         ).first()
     assert latest.version == 2 and len(latest.sources["updates"]) == 2
+
+
+def test_aggregate_peers_reads_only_the_clients_nearest_by_sketch(harness):
+    """FEDVEC_AGGREGATE_PEERS=m: a client's aggregate holds itself and at most m members of
+    its sketch group; the stored grouping covers every client. Sketches come from the update
+    rows (as a worker writes them), or from τ where a row has none or a broken one."""
+    k = 64
+    agg = Aggregator(harness.settings.replace(aggregate_peers=2, sketch_dim=k))
+    planted: dict[int, int] = {}
+    uids: dict[str, int] = {}
+    for i in range(12):
+        group = i % 3
+        cid = harness.client(f"c{i}")
+        planted[cid] = group
+        tau = mix(direction(100 + group), direction(200 + i), 1.0, 0.3)
+        stored = to_bytes(sketch_state_dict(tau, k, 0))
+        sketch = {0: stored, 1: None, 2: stored[:-4]}[i % 3 if i < 9 else 0]
+        event = harness.update(cid, tau, None, sketch=sketch)
+        uids[event.update_uid] = cid
+        assert agg.handle(event.to_dict()) == "aggregated"
+    with session_scope(harness.db) as s:
+        rows = list(s.scalars(select(PersonalizedAdapter)))
+        uid_of = {u.id: u.uid for u in s.scalars(select(Update))}
+        version = s.scalar(select(func.max(GroupMember.version)))
+        members = {
+            m.client_id: m.group_index
+            for m in s.scalars(select(GroupMember).where(GroupMember.version == version))
+        }
+    for row in rows:
+        sources = [uids[u] for u in row.sources["updates"]]
+        assert sources[0] == row.client_id and len(sources) <= 3
+        assert {planted[c] for c in sources} == {planted[row.client_id]}
+        assert uid_of[row.trigger_update_id] in uids
+    assert sorted(members) == sorted(planted)
+    for a in planted:  # the stored groups are the planted ones
+        for b in planted:
+            assert (members[a] == members[b]) == (planted[a] == planted[b])
+    # the last client saw two peers: its group had three other members by then
+    last = max(rows, key=lambda r: r.id)
+    assert len(last.sources["updates"]) == 3

@@ -65,6 +65,8 @@ def test_migrations_up_down_and_up_again(db_url):
     assert {"clients", "updates", "similarity_edges", "personalized_adapters"} <= tables
     columns = {c["name"] for c in inspect(create_engine(db_url)).get_columns("evaluations")}
     assert "metric" in columns
+    update_columns = {c["name"] for c in inspect(create_engine(db_url)).get_columns("updates")}
+    assert "sketch" in update_columns
 
     from alembic import command
 

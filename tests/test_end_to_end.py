@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from sqlalchemy import func, select
 
+from aggregator.sketch import from_bytes, sketch_state_dict
 from schema.models import (
     Evaluation,
     GroupMember,
@@ -101,6 +102,10 @@ def test_updates_edges_groups_and_adapters_exist(run):
             assert ads.sha256(store.get(u.adapter_key)) == u.adapter_sha256
             assert ads.sha256(store.get(u.task_vector_key)) == u.task_vector_sha256
             assert u.steps == 3
+            # the worker's sketch is the sketch of the τ it stored
+            tau = ads.get_state(store, u.task_vector_key, max_bytes=2**30)
+            expected = sketch_state_dict(tau, settings.sketch_dim, settings.sketch_seed)
+            assert torch.allclose(from_bytes(u.sketch, settings.sketch_dim), expected, atol=1e-5)
         assert s.scalar(select(func.count()).select_from(SimilarityEdge)) == 6
         assert {m.client_id for m in s.scalars(select(GroupMember))} == {c.id for c in enrolled}
         adapters = list(s.scalars(select(PersonalizedAdapter)))

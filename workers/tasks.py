@@ -20,6 +20,8 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from aggregator.sketch import sketch_state_dict
+from aggregator.sketch import to_bytes as sketch_bytes
 from aggregator.task_vectors import StateDict, task_vector
 from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, UpdateStored
 from schema.models import Client, Evaluation, PersonalizedAdapter, Update
@@ -134,6 +136,12 @@ def run_training(
         record_training(result)
         tau = task_vector(result.adapter, start)
         norm = float(sum(float((v.double() ** 2).sum()) for v in tau.values()) ** 0.5)
+        # the sketch is made here, where τ already is (on the GPU when training ran there)
+        sk = (
+            sketch_bytes(sketch_state_dict(tau, settings.sketch_dim, settings.sketch_seed))
+            if settings.sketch_dim > 0
+            else None
+        )
         meta = {"client_id": str(req.client_id), "update_uid": uid}
         adapter_sha = ads.put_state(store, adapter_key, result.adapter, **meta)
         tv_sha = ads.put_state(store, tv_key, tau, **meta)
@@ -148,6 +156,7 @@ def run_training(
             task_vector_key=tv_key,
             task_vector_sha256=tv_sha,
             task_vector_norm=norm,
+            sketch=sk,
             num_examples=len(examples),
             steps=result.steps,
             train_loss=result.loss,
