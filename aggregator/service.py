@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from sqlalchemy import delete, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, func, insert, or_, select
+from sqlalchemy.orm import Session, undefer
 
 from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices, smoothed_similarity
 from aggregator.sketch import from_bytes as sketch_from_bytes
@@ -98,6 +98,9 @@ class Aggregator:
         # database at the first aggregation and kept up to date after it
         self._index: SketchIndex | None = None
         self._indexed: dict[int, int] = {}  # client id -> update id of its indexed sketch
+        # (version, membership) of the grouping last read or written: not re-read from the
+        # database per update (N rows)
+        self._groups_seen: tuple[int, dict[int, int]] | None = None
 
     # --- entry point ------------------------------------------------------------------
     def handle(self, data: Any) -> str:
@@ -250,15 +253,15 @@ class Aggregator:
             )
 
     # --- aggregation ------------------------------------------------------------------
-    def _latest_accepted(self, s: Session) -> list[Update]:
+    def _latest_accepted(self, s: Session, ids: list[int] | None = None) -> list[Update]:
+        """The latest accepted update of every client (ids: only these updates)."""
         newest = (
             select(func.max(Update.id))
             .where(Update.status.in_(ACCEPTED))
             .group_by(Update.client_id)
         )
-        return list(
-            s.scalars(select(Update).where(Update.id.in_(newest)).order_by(Update.client_id))
-        )
+        query = select(Update).where(Update.id.in_(newest if ids is None else ids))
+        return list(s.scalars(query.order_by(Update.client_id)))
 
     def _contributions(
         self, targets: list[int]
@@ -267,9 +270,10 @@ class Aggregator:
         targets and their m nearest clients by sketch), loaded; plus, per client, its current
         personalized (version, watermark)."""
         with session_scope(self.db_url) as s:
-            latest = self._latest_accepted(s)
             if self.settings.aggregate_peers > 0:
-                latest = self._nearest(s, latest, targets)
+                latest = self._latest_accepted(s, self._nearest(s, targets))
+            else:
+                latest = self._latest_accepted(s)
             newest = (
                 select(func.max(PersonalizedAdapter.id))
                 .where(PersonalizedAdapter.client_id.in_([u.client_id for u in latest]))
@@ -367,32 +371,41 @@ class Aggregator:
         )
 
     # --- the sketch index (aggregate_peers > 0) ----------------------------------------
-    def _nearest(self, s: Session, latest: list[Update], targets: list[int]) -> list[Update]:
-        """The targets' and their peers' updates among `latest`: the index is brought up
-        to date with every client's latest sketch, then each target takes the m members of
-        its sketch group most similar to it. Work: one pass over the N × k sketches per
-        aggregation, plus reading the sketches that changed; never N full task vectors."""
+    def _nearest(self, s: Session, targets: list[int]) -> list[int]:
+        """Update ids of the targets and of their peers: the index is brought up to date
+        with every client's latest sketch, then each target takes the m members of its
+        sketch group most similar to it. Work per aggregation: one pass over the N × k
+        sketches and reading what changed (ids of N latest updates, no rows, no vectors)."""
         k, m = self.settings.sketch_dim, self.settings.aggregate_peers
         if k <= 0:
             raise ValueError("FEDVEC_AGGREGATE_PEERS needs sketches: set FEDVEC_SKETCH_DIM > 0")
+        latest: dict[int, int] = {
+            client_id: update_id
+            for client_id, update_id in s.execute(
+                select(Update.client_id, func.max(Update.id))
+                .where(Update.status.in_(ACCEPTED))
+                .group_by(Update.client_id)
+            )
+        }
         if self._index is None:
             self._index = SketchIndex(k, self.settings.group_threshold, capacity=len(latest))
         index = self._index
-        by_client = {u.client_id: u for u in latest}
-        for gone in [c for c in self._indexed if c not in by_client]:
+        for gone in [c for c in self._indexed if c not in latest]:
             index.remove(gone)
             del self._indexed[gone]
-        wanted = set(targets) & set(by_client)
+        wanted = set(targets) & set(latest)
         changed = [
-            u for u in latest if self._indexed.get(u.client_id) != u.id or u.client_id in wanted
+            update_id
+            for client_id, update_id in latest.items()
+            if self._indexed.get(client_id) != update_id or client_id in wanted
         ]
-        query = select(Update.id, Update.sketch).where(Update.id.in_([u.id for u in changed]))
-        stored = {update_id: data for update_id, data in s.execute(query)}
         others, mine = [], []
-        for u in changed:
-            pair = (u.client_id, self._sketch_of(u, stored.get(u.id)))
-            (mine if u.client_id in wanted else others).append(pair)
-            self._indexed[u.client_id] = u.id
+        for update in s.scalars(
+            select(Update).where(Update.id.in_(changed)).options(undefer(Update.sketch))
+        ):
+            pair = (update.client_id, self._sketch_of(update, update.sketch))
+            (mine if update.client_id in wanted else others).append(pair)
+            self._indexed[update.client_id] = update.id
         # bulk rows without similarity (start-up), then the targets with theirs, which see
         # every new sketch
         index.update(others, similarity=False)
@@ -400,7 +413,7 @@ class Aggregator:
         for row in index.update(mine):
             keep.update(index.peers(row, m))
         metrics.SIMILARITY_INDEX_CLIENTS.set(len(index))
-        return [u for u in latest if u.client_id in keep]
+        return [latest[c] for c in keep]
 
     def _sketch_of(self, update: Update, stored: bytes | None) -> torch.Tensor:
         """The worker's sketch of τ; made here from τ for an update without a usable one
@@ -543,17 +556,19 @@ class Aggregator:
         self, s: Session, ids: list[int], labels: list[int], round_id: int | None
     ) -> None:
         """A new grouping version when membership changed."""
-        latest = s.scalars(select(Grouping).order_by(Grouping.version.desc()).limit(1)).first()
+        latest = s.scalar(select(func.max(Grouping.version)))
         new = dict(zip(ids, labels, strict=True))
         metrics.GROUPS_CURRENT.set(len(set(labels)))
         if latest is not None:
-            old = {
-                m.client_id: m.group_index
-                for m in s.scalars(select(GroupMember).where(GroupMember.version == latest.version))
-            }
+            if self._groups_seen is not None and self._groups_seen[0] == latest:
+                old = self._groups_seen[1]  # what this process wrote or read last
+            else:
+                members = select(GroupMember.client_id, GroupMember.group_index)
+                old = dict(s.execute(members.where(GroupMember.version == latest)).tuples().all())
+            self._groups_seen = (latest, old)
             if old == new:
                 return
-        version = (latest.version if latest else 0) + 1
+        version = (latest or 0) + 1
         s.add(
             Grouping(
                 version=version,
@@ -564,8 +579,13 @@ class Aggregator:
             )
         )
         s.flush()
-        for client_id, label in new.items():
-            s.add(GroupMember(version=version, client_id=client_id, group_index=label))
+        s.execute(
+            insert(GroupMember),
+            [dict(version=version, client_id=c, group_index=g) for c, g in new.items()],
+        )
+        # valid once this transaction commits; a failed commit leaves a version this
+        # process never sees as latest, so the cache is not used
+        self._groups_seen = (version, new)
         metrics.REGROUPS.inc()
         for label in set(labels):
             metrics.GROUP_SIZE.observe(labels.count(label))
