@@ -47,23 +47,29 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextmanager
+def scratch_postgres(admin_url: str = LOCAL_POSTGRES) -> Iterator[str]:
+    """A fresh PostgreSQL database on admin_url's server for one benchmark run (its url),
+    dropped afterwards."""
+    name = f"fedvec_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
 def local_stack(settings: Settings, echo: Echo) -> Iterator[Settings]:
     """Fill in whatever part of the distributed stack the settings leave embedded."""
     with ExitStack() as stack:
         if not settings.database_url:
-            name = f"fedvec_bench_{uuid.uuid4().hex[:8]}"
-            admin = create_engine(LOCAL_POSTGRES, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
-            url = LOCAL_POSTGRES.rsplit("/", 1)[0] + "/" + name
-
-            def drop(url: str = url, name: str = name) -> None:
-                get_engine(url).dispose()
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-            stack.callback(drop)
-            settings = settings.replace(database_url=url)
+            settings = settings.replace(database_url=stack.enter_context(scratch_postgres()))
         if not settings.broker_url:
             import redis
 

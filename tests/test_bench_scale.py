@@ -43,9 +43,11 @@ def test_quick_mode_prints_every_figure(tmp_path):
         "p95 per update <= 250 ms",
         "sketch error p99 <= 0.02",
         "group agreement >= 99%",
+        "service: Aggregator.handle per update event on postgres",
+        "the whole event in the service at N=150",
     ):
         assert text in out, text
-    assert out.count("per update p50") == 4  # 2 N × 2 d
+    assert out.count("per update p50") == 4 + 2  # 2 N × 2 d, and the service at 2 N
 
 
 def test_json_has_the_figures_of_every_cell(tmp_path):
@@ -61,6 +63,9 @@ def test_json_has_the_figures_of_every_cell(tmp_path):
         assert cell["sustained_updates_per_s"] > 0 and cell["naive_ms"] > 0
         assert cell["memory_mb"]["index"] > 0 and cell["sketch_error"]["in_group"]["pairs"] > 0
         assert cell["generator_check"] < 1e-4  # the planted sketches are the real ones
+    assert [c["clients"] for c in data["service"]] == [60, 150]
+    assert all(c["database"].startswith("postgresql") for c in data["service"])
+    assert data["targets"]["service"]["with_math_p95_ms"] > 0
     acc = data["accuracy"]
     assert 0 <= acc["p50"] <= acc["p99"] <= acc["max"] < 1
     assert acc["agreement_with_exact"] >= 0.9 and acc["planted_agreement_exact"] >= 0.9
