@@ -50,26 +50,26 @@ def test_quick_mode_prints_every_figure(tmp_path):
     assert out.count("per update p50") == 4 + 2  # 2 N × 2 d, and the service at 2 N
 
 
-def test_json_has_the_figures_of_every_cell(tmp_path):
-    data = json.loads(run([*SMALL, "--json"], tmp_path))
+def test_quick_mode_as_ci_smoke_test_has_the_figures_of_every_cell(tmp_path):
+    data = json.loads(run(["--quick", "--json"], tmp_path))  # exactly `make bench-scale-quick`
     assert {(c["clients"], c["dim"]) for c in data["cells"]} == {
-        (60, 5000),
-        (150, 5000),
-        (60, 20000),
-        (150, 20000),
+        (100, 74_000),
+        (1000, 74_000),
+        (100, 262_144),
+        (1000, 262_144),
     }
     for cell in data["cells"]:
         assert cell["latency_ms"]["p95"] >= cell["latency_ms"]["p50"] > 0
         assert cell["sustained_updates_per_s"] > 0 and cell["naive_ms"] > 0
         assert cell["memory_mb"]["index"] > 0 and cell["sketch_error"]["in_group"]["pairs"] > 0
         assert cell["generator_check"] < 1e-4  # the planted sketches are the real ones
-    assert [c["clients"] for c in data["service"]] == [60, 150]
+    assert [c["clients"] for c in data["service"]] == [100, 1000]
     assert all(c["database"].startswith("postgresql") for c in data["service"])
     assert data["targets"]["service"]["with_math_p95_ms"] > 0
     acc = data["accuracy"]
     assert 0 <= acc["p50"] <= acc["p99"] <= acc["max"] < 1
     assert acc["agreement_with_exact"] >= 0.9 and acc["planted_agreement_exact"] >= 0.9
-    assert [s["k"] for s in acc["k_sweep"]] == [1024, 4096]
+    assert [s["k"] for s in acc["k_sweep"]] == [1024, 4096, 16384, 20480]
     assert set(data["targets"]) >= {"p95_met", "updates_per_s_met", "error_p99_met"}
 
 

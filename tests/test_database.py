@@ -154,3 +154,17 @@ def test_backoff_doubles_up_to_the_cap_with_jitter():
         full = min(cap, 2**retries)
         for _ in range(20):
             assert full / 2 <= backoff_seconds(retries, cap, rng) <= full
+
+
+def test_migrations_build_exactly_the_models(db_url):
+    """The schema Alembic builds is the one the models describe: a model change without a
+    migration fails here, not in production."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from schema.models import Base
+
+    upgrade(db_url)
+    with create_engine(db_url).connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
