@@ -702,10 +702,9 @@ def object_store_overhead(
                     times["raw_down"].append(t4 - t3)
                     progress.step(f"object store {label} {i}/{plan.repeats}")
             # what fedvec does beyond moving bytes, each step timed on its own
-            parts_s: dict[str, list[float]] = {"head": [], "sha256": [], "encode": [], "decode": []}
+            parts_s: dict[str, list[float]] = {"sha256": [], "encode": [], "decode": []}
             for _ in range(plan.repeats):
                 for part, fn in (
-                    ("head", lambda k=fed_key: store.size(k)),
                     ("sha256", lambda d=data: ads.sha256(d)),
                     ("encode", lambda st=state: ads.encode(st)),
                     ("decode", lambda d=data, m=limit: ads.decode(d, max_bytes=m)),
@@ -746,7 +745,7 @@ def object_store_overhead(
             echo(
                 "                fedvec's own steps: "
                 + ", ".join(f"{k} {v:.4f} s" for k, v in row["fedvec_steps_s"].items())
-                + " (HEAD: the size check before a download)"
+                + " (each alone; a download hashes while the bytes arrive)"
             )
         # memory of moving the largest adapter, each direction apart
         label, state = sizes[-1]

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
+import json
 import os
+import struct
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
+from services import adapter_store as ads
+from services import object_store
+from services.bench_worker import MIB, minilm_lora_state, synthetic_state
 from services.object_store import (
     LocalFolderStore,
     ObjectNotFound,
     ObjectStore,
     ObjectStoreError,
+    ObjectTooLarge,
     S3Store,
     open_object_store,
 )
@@ -262,3 +274,260 @@ def test_open_s3_without_endpoint_fails_clearly() -> None:
 def test_open_bad_urls(url: str) -> None:
     with pytest.raises(ValueError):
         open_object_store(url, s3_endpoint="127.0.0.1:1")
+
+
+# --- bounded reads (get_bounded) and the adapter store over them ----------------------------
+
+
+def test_get_bounded_reads_whole_object_in_pieces(store: ObjectStore) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 123)  # several read chunks
+    store.put("b/x", data)
+    pieces: list[bytes] = []
+    got = store.get_bounded("b/x", len(data), lambda view: pieces.append(bytes(view)))
+    assert isinstance(got, memoryview) and not got.readonly and got == data
+    assert b"".join(pieces) == data and len(pieces) > 1
+    store.put("b/empty", b"")
+    assert store.get_bounded("b/empty", 0) == b""
+    with pytest.raises(ObjectNotFound, match="b/missing"):
+        store.get_bounded("b/missing", 10)
+
+
+def test_get_bounded_refuses_declared_size_over_limit_before_reading(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.put("b/x", b"y" * 1000)
+    if isinstance(store, S3Store):
+        # the size comes from the GET's Content-Length: no HEAD, and no byte of the body read
+        monkeypatch.setattr(store._client, "stat_object", _fail("stat_object"))
+        monkeypatch.setattr(object_store._S3Body, "readinto", _fail("readinto"))
+        monkeypatch.setattr(object_store._S3Body, "read", _fail("read"))
+    seen: list[memoryview] = []
+    with pytest.raises(ObjectTooLarge, match="1000 bytes, over the limit of 999") as info:
+        store.get_bounded("b/x", 999, seen.append)
+    assert (info.value.size, info.value.limit) == (1000, 999) and not seen
+    assert isinstance(info.value, ObjectStoreError)
+
+
+def test_s3_get_bounded_without_content_length_stops_at_the_limit(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A response that declares no size (chunked) is read up to the limit, no further."""
+    data = os.urandom(5 * 1024 * 1024)
+    s3_store.put("b/x", data)
+    monkeypatch.setattr(object_store._S3Body, "declared_size", staticmethod(lambda r: None))
+    assert s3_store.get_bounded("b/x", len(data)) == data
+    read: list[int] = []
+    original = object_store._S3Body.read
+
+    def counting_read(self, n: int) -> bytes:
+        chunk = original(self, n)
+        read.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(object_store._S3Body, "read", counting_read)
+    with pytest.raises(ObjectTooLarge, match="over the limit of 2097152") as info:
+        s3_store.get_bounded("b/x", 2 * 1024 * 1024)
+    assert info.value.size is None
+    assert sum(read) <= 2 * 1024 * 1024 + object_store._CHUNK  # stopped, not read to the end
+
+
+def test_read_bounded_refuses_bodies_longer_or_shorter_than_declared() -> None:
+    read = object_store._read_bounded
+    assert read(io.BytesIO(b"abcd"), 4, 10, None, "obj") == b"abcd"
+    with pytest.raises(ObjectStoreError, match="longer than its declared 3 bytes"):
+        read(io.BytesIO(b"abcd"), 3, 10, None, "obj")
+    with pytest.raises(ObjectStoreError, match="ended after 4 of its 6 bytes"):
+        read(io.BytesIO(b"abcd"), 6, 10, None, "obj")
+    # no declared size: the limit applies to what arrives
+    assert read(io.BytesIO(b"abcd"), None, 4, None, "obj") == b"abcd"
+    with pytest.raises(ObjectTooLarge, match="over the limit of 3"):
+        read(io.BytesIO(b"abcd"), None, 3, None, "obj")
+
+
+def test_s3_get_bounded_decodes_a_content_encoding(s3_store: S3Store) -> None:
+    """An object stored gzip-encoded comes back decoded, its Content-Length not its size."""
+    data = b"adapter " * 4096
+    packed = gzip.compress(data)
+    s3_store._client.put_object(
+        s3_store.bucket,
+        "b/gz",
+        io.BytesIO(packed),
+        len(packed),
+        metadata={"Content-Encoding": "gzip"},
+    )
+    assert s3_store.get_bounded("b/gz", len(data)) == data
+    with pytest.raises(ObjectTooLarge):
+        s3_store.get_bounded("b/gz", len(data) - 1)
+
+
+def _fail(name: str):
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{name} must not be called")
+
+    return fail
+
+
+def test_adapter_size_limit_uses_content_length_without_stat(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = minilm_lora_state()
+    sha = ads.put_state(s3_store, "a.safetensors", state)
+    size = len(ads.encode(state))
+    monkeypatch.setattr(s3_store, "size", _fail("size"))
+    monkeypatch.setattr(s3_store._client, "stat_object", _fail("stat_object"))
+    got = ads.get_state(s3_store, "a.safetensors", max_bytes=size, expected_sha256=sha)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    monkeypatch.setattr(object_store._S3Body, "readinto", _fail("readinto"))
+    with pytest.raises(ads.InvalidAdapter, match=f"{size} bytes, over the limit of {size - 1}"):
+        ads.get_state(s3_store, "a.safetensors", max_bytes=size - 1, expected_sha256=sha)
+
+
+def test_adapter_sha_mismatch_is_detected(store: ObjectStore) -> None:
+    small, big = minilm_lora_state(), synthetic_state(6 * MIB)
+    for key, state in (("small.safetensors", small), ("big.safetensors", big)):
+        sha = ads.put_state(store, key, state)
+        with pytest.raises(ads.InvalidAdapter, match="sha256 does not match"):
+            ads.get_state(store, key, max_bytes=64 * MIB, expected_sha256="0" * 64)
+        # the same bytes, changed by one bit behind the store's back
+        data = bytearray(store.get(key))
+        data[-1] ^= 1
+        store.put(key, bytes(data))
+        with pytest.raises(ads.InvalidAdapter, match="sha256 does not match"):
+            ads.get_state(store, key, max_bytes=64 * MIB, expected_sha256=sha)
+    with pytest.raises(ObjectNotFound):
+        ads.get_state(store, "missing.safetensors", max_bytes=MIB, expected_sha256="0" * 64)
+
+
+def test_large_adapter_round_trip_streamed_multipart(store: ObjectStore) -> None:
+    """Above 5 MiB: written from the tensors to a temp file, uploaded with put_file (S3:
+    multipart), sha256 of the stored bytes, read back as views of one buffer."""
+    state = synthetic_state(12 * MIB)
+    state["extra.bias"] = torch.arange(7, dtype=torch.float64)  # stored as float32
+    calls: list[str] = []
+    for name in ("put", "put_file"):
+        original = getattr(store, name)
+        setattr(store, name, lambda *a, _n=name, _o=original: (calls.append(_n), _o(*a))[1])
+    sha = ads.put_state(store, "big.safetensors", state, client_id="3")
+    assert calls == ["put_file"]
+    stored = store.get("big.safetensors")
+    assert ads.sha256(stored) == sha
+    assert stored == ads.encode(state, {"client_id": "3"})
+    reference = st_load(stored)  # safetensors reads what fedvec wrote
+    assert set(reference) == set(state)
+    if isinstance(store, S3Store):
+        etag = store._client.stat_object(store.bucket, "big.safetensors").etag or ""
+        assert etag.strip('"').rpartition("-")[2].isdigit()  # "<md5>-<parts>"
+    got = ads.get_state(store, "big.safetensors", max_bytes=len(stored), expected_sha256=sha)
+    assert set(got) == set(state)
+    for k, v in state.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float())
+        assert torch.equal(reference[k], got[k])
+    with pytest.raises(ads.InvalidAdapter, match="over the limit"):
+        ads.get_state(store, "big.safetensors", max_bytes=len(stored) - 1)
+
+
+# --- the safetensors reader and writer ------------------------------------------------------
+
+
+def test_encode_writes_what_safetensors_writes() -> None:
+    states = [
+        minilm_lora_state(),
+        {"a": torch.ones(()), "b": torch.empty(0, 3), "é": torch.arange(5.0), "c": torch.ones(2)},
+        {"t": torch.arange(12.0).reshape(3, 4).t()},  # not contiguous
+    ]
+    for state in states:
+        for metadata in (None, {"client_id": "3"}):
+            data = ads.encode(state, metadata)
+            assert data == st_save({k: v.contiguous() for k, v in state.items()}, metadata)
+            got = ads.decode(bytearray(data), max_bytes=len(data))
+            assert set(got) == set(state)
+            assert all(torch.equal(got[k], v) and got[k].shape == v.shape for k, v in state.items())
+
+
+def test_decode_reads_every_dtype_safetensors_writes() -> None:
+    state = {
+        "f64": torch.randn(2, 2, dtype=torch.float64),
+        "f16": torch.randn(3, 5).half(),
+        "bf16": torch.randn(7).bfloat16(),
+        "i64": torch.arange(9),
+        "i8": torch.arange(-3, 3, dtype=torch.int8),
+        "u8": torch.arange(3, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 2, dtype=torch.int32),
+    }
+    data = st_save(state, {"format": "pt"})
+    for given in (data, bytearray(data)):
+        got = ads.decode(given, max_bytes=len(data))
+        assert set(got) == set(state)
+        for k, v in state.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v)
+    with pytest.raises(ads.InvalidAdapter, match="over the limit"):
+        ads.decode(data, max_bytes=len(data) - 1)
+
+
+def _file(header: object, body: bytes = b"", *, raw: bytes | None = None) -> bytes:
+    text = raw if raw is not None else json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + body
+
+
+_T = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize(
+    "data,why",
+    [
+        (b"\x01\x00", "too short"),
+        ((10**9).to_bytes(8, "little") + b"{}", "does not fit"),
+        (_file(None, raw=b"{not json"), "not JSON"),
+        (_file(None, raw=b"\xff\xfe"), "not JSON"),
+        (_file([1, 2]), "not a JSON object"),
+        (_file({"__metadata__": {"a": 1}}), "__metadata__"),
+        (_file({"t": {**_T, "dtype": "F31"}}, bytes(8)), "unknown dtype"),
+        (_file({"t": {**_T, "dtype": ["F32"]}}, bytes(8)), "unknown dtype"),
+        (_file({"t": {**_T, "shape": [-2]}}, bytes(8)), "bad shape"),
+        (_file({"t": {**_T, "shape": [2.0]}}, bytes(8)), "bad shape"),
+        (_file({"t": {**_T, "shape": [True, 2]}}, bytes(8)), "bad shape"),
+        (_file({"t": {**_T, "data_offsets": [0]}}, bytes(8)), "bad data_offsets"),
+        (_file({"t": {**_T, "data_offsets": [8, 0]}}, bytes(8)), "not right after"),
+        (_file({"t": {"dtype": "F32", "shape": [2]}}, bytes(8)), "needs dtype"),
+        (_file({"t": 3}, bytes(8)), "needs dtype"),
+        (_file({"t": _T}, bytes(4)), "follow the header"),
+        (_file({"t": _T}, bytes(12)), "follow the header"),
+        (_file({"t": {**_T, "shape": [3]}}, bytes(8)), "8 bytes for shape"),
+        (_file({"t": _T, "u": {**_T, "data_offsets": [4, 12]}}, bytes(12)), "not right after"),
+        (_file({"t": _T, "u": {**_T, "data_offsets": [12, 20]}}, bytes(20)), "not right after"),
+        (
+            _file(
+                None,
+                bytes(8),
+                raw=b'{"t":'
+                + json.dumps(_T).encode()
+                + b',"t":'
+                + json.dumps({**_T, "data_offsets": [8, 16]}).encode()
+                + b"}",
+            ),
+            "not right after",
+        ),
+    ],
+)
+def test_decode_refuses_malformed_files(data: bytes, why: str) -> None:
+    with pytest.raises(ads.InvalidAdapter, match=why):
+        ads.decode(data, max_bytes=1 << 20, what="upd")
+    with pytest.raises(SafetensorError):  # safetensors refuses them too
+        st_load(data)
+
+
+def test_decode_ignores_unknown_tensor_fields_as_safetensors_does() -> None:
+    data = _file({"t": {**_T, "extra": 1}}, struct.pack("<2f", 1.0, 2.0))
+    assert ads.decode(data, max_bytes=len(data))["t"].tolist() == st_load(data)["t"].tolist()
+
+
+def test_decode_copies_unaligned_tensors() -> None:
+    """safetensors pads its header so tensors are aligned; a file that does not still
+    decodes (that tensor copied), as safetensors' own reader allows."""
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * ((-len(header) % 8) + 1)  # one byte off
+    data = len(header).to_bytes(8, "little") + header + struct.pack("<2f", 1.5, -2.0)
+    got = ads.decode(bytearray(data), max_bytes=len(data))
+    assert got["t"].tolist() == [1.5, -2.0]
+    assert torch.equal(st_load(data)["t"], got["t"])
