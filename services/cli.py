@@ -976,6 +976,82 @@ def bench_scale(
         _echo_json(summary)
 
 
+# --- maintenance -----------------------------------------------------------------------
+@cli.command()
+@click.option(
+    "--older-than",
+    "older_than",
+    default="1h",
+    show_default=True,
+    metavar="AGE",
+    help="grace period: only objects written longer ago than this (3600, 30m, 1h, 2d)",
+)
+@click.option("--delete", is_flag=True, help="delete the orphans (default: only list them)")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.pass_context
+def gc(ctx: click.Context, older_than: str, delete: bool, as_json: bool) -> None:
+    """Find, and with --delete remove, orphaned objects in the object store.
+
+    An orphan is an object under clients/ that no database row references: what a worker
+    or aggregator killed between uploading and committing its row leaves behind. Global
+    objects (the initial adapter, the adapter config) are never touched.
+
+    Workers upload first and commit the row after, so an unreferenced object may belong to
+    a task that is still running. The grace period (--older-than) keeps those: only objects
+    written longer ago than AGE count as orphans. Keep it well above the longest upload.
+    Each deletion checks the object and the database once more, and is logged with its key.
+
+    Without --delete this is a dry run: it lists what would be deleted and changes nothing.
+    """
+    from services.gc import collect, format_bytes, format_duration, parse_duration
+    from services.object_store import ObjectStoreError
+
+    try:
+        grace_s = parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    settings = _settings(ctx)
+    _check_db(settings)
+    try:
+        summary = collect(settings, grace_s, delete=delete)
+    except ObjectStoreError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        _echo_json(summary.as_dict())
+    else:
+        age = format_duration(grace_s)
+        click.echo(
+            f"scanned {summary.scanned} objects under clients/: {summary.referenced} referenced, "
+            f"{summary.fresh} unreferenced but newer than {age} (kept: may be in flight), "
+            f"{len(summary.orphans)} orphans ({format_bytes(summary.orphan_bytes)})"
+        )
+        if summary.orphans:
+            rows = [
+                [o.key, format_bytes(o.size), format_duration(o.age_s)] for o in summary.orphans
+            ]
+            click.echo(_table(rows, ["orphan", "size", "age"]))
+        if not delete:
+            if summary.orphans:
+                click.echo(
+                    f"dry run: nothing deleted. To delete these {len(summary.orphans)} "
+                    f"orphans, run: fedvec gc --older-than {older_than.strip()} --delete"
+                )
+            else:
+                click.echo("dry run: nothing to delete")
+        else:
+            result = summary.result
+            click.echo(
+                f"deleted {len(result.deleted)} orphans ({format_bytes(summary.deleted_bytes)})"
+            )
+            for key, why in result.kept:
+                click.echo(f"kept {key}: {why}")
+            for key, err in result.failed:
+                click.echo(f"failed {key}: {err}", err=True)
+    if summary.result.failed:
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="fedvec")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import http.client
 import io
 import os
@@ -18,6 +19,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import BinaryIO, Protocol
 
 import certifi
@@ -29,6 +31,7 @@ from services import metrics
 
 __all__ = [
     "LocalFolderStore",
+    "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",
     "ObjectStoreError",
@@ -44,6 +47,15 @@ TMP_PREFIX = ".tmp-"
 _CHUNK = 1024 * 1024
 _HUGE_BUFFER = 4 * 1024 * 1024  # and above: a buffer with huge pages (`_buffer`)
 _S3_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, size in bytes and last write (time-zone aware, UTC)."""
+
+    key: str
+    size: int
+    last_modified: datetime
 
 
 class ObjectStoreError(Exception):
@@ -283,6 +295,10 @@ class ObjectStore(abc.ABC):
         """All keys starting with `prefix` (plain string prefix, recursive), sorted."""
 
     @abc.abstractmethod
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        """As `list`, with each object's size and last-modified time, sorted by key."""
+
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Deleting a missing key is not an error."""
 
@@ -369,25 +385,41 @@ class LocalFolderStore(ObjectStore):
                 raise self._not_found(key)
             return os.path.getsize(path)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def _walk(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(key, path) of every object whose key starts with `prefix`, unsorted."""
         # Walk only the folder the prefix names (when it is a valid key path) and filter by
         # plain string prefix, matching S3 semantics ("a/1" also matches "a/10/x").
         base, _, _ = prefix.rpartition("/")
         top = self._path(base) if base and _is_valid_key(base) else self.root
-        keys: list[str] = []
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]
+            rel = os.path.relpath(folder, self.root)
+            parts = [] if rel == "." else rel.split(os.sep)
+            for name in files:
+                if name.startswith(TMP_PREFIX):
+                    continue
+                key = "/".join([*parts, name])
+                if key.startswith(prefix):
+                    yield key, os.path.join(folder, name)
+
+    def list(self, prefix: str = "") -> list[str]:
         with self._errors("list", prefix):
-            for folder, dirs, files in os.walk(top):
-                dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]
-                rel = os.path.relpath(folder, self.root)
-                parts = [] if rel == "." else rel.split(os.sep)
-                for name in files:
-                    if name.startswith(TMP_PREFIX):
-                        continue
-                    key = "/".join([*parts, name])
-                    if key.startswith(prefix):
-                        keys.append(key)
+            keys = [key for key, _ in self._walk(prefix)]
         keys.sort()
         return keys
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        infos: list[ObjectInfo] = []
+        with self._errors("list", prefix):
+            for key, path in self._walk(prefix):
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue  # deleted since the walk saw it
+                modified = datetime.fromtimestamp(st.st_mtime, UTC)
+                infos.append(ObjectInfo(key, st.st_size, modified))
+        infos.sort(key=lambda info: info.key)
+        return infos
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -608,6 +640,26 @@ class S3Store(ObjectStore):
             keys = [obj.object_name[len(self.prefix) :] for obj in objects if obj.object_name]
         keys.sort()
         return keys
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        infos: list[ObjectInfo] = []
+        with self._errors("list", prefix):
+            # A recursive listing carries each object's size and last-modified time: no
+            # request per object.
+            for obj in self._client.list_objects(
+                self.bucket, prefix=self.prefix + prefix, recursive=True
+            ):
+                if not obj.object_name or obj.is_dir:
+                    continue
+                # no time given: call it new, so age-based cleanup leaves it alone
+                modified = obj.last_modified or datetime.now(UTC)
+                if modified.tzinfo is None:
+                    modified = modified.replace(tzinfo=UTC)
+                infos.append(
+                    ObjectInfo(obj.object_name[len(self.prefix) :], int(obj.size or 0), modified)
+                )
+        infos.sort(key=lambda info: info.key)
+        return infos
 
     def delete(self, key: str) -> None:
         name = self._name(key)
