@@ -106,6 +106,6 @@ EVENTS: dict[str, type[Message]] = {m.kind: m for m in (UpdateStored, UpdateFail
 
 def parse_event(data: Any) -> UpdateStored | UpdateFailed:
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in EVENTS:
+    if not isinstance(kind, str) or kind not in EVENTS:  # a list or dict is unhashable
         raise InvalidMessage(f"unknown event kind {kind!r}")
     return EVENTS[kind].from_dict(data)  # type: ignore[return-value]

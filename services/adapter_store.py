@@ -202,7 +202,10 @@ def _tensors(buf: memoryview, what: str) -> StateDict:
     try:
         # a name given twice leaves a gap where its first entry was: refused below
         header = json.loads(bytes(buf[8 : 8 + n]).decode())
-    except (UnicodeDecodeError, ValueError) as exc:
+        # refused by safetensors' JSON parser but read by Python's: NaN, Infinity, numbers
+        # out of range (read as inf), lone surrogates (not UTF-8)
+        json.dumps(header, ensure_ascii=False, allow_nan=False).encode()
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _invalid(what, f"header is not JSON: {exc}") from None
     if type(header) is not dict:
         raise _invalid(what, "header is not a JSON object")
@@ -240,7 +243,10 @@ def _tensors(buf: memoryview, what: str) -> StateDict:
     for begin, stop, name, dtype, shape in entries:
         count = (stop - begin) // dtype.itemsize
         if count == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
+            try:  # torch refuses a dimension or a size past int64 (in safetensors.torch too)
+                out[name] = torch.empty(shape, dtype=dtype)
+            except (RuntimeError, TypeError, OverflowError):
+                raise _invalid(what, f"tensor {name!r}: shape {shape} too large") from None
             continue
         tensor = torch.frombuffer(buf, dtype=dtype, count=count, offset=start + begin)
         if (start + begin) % dtype.itemsize:  # safetensors aligns them, others may not
