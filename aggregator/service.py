@@ -10,6 +10,11 @@ When does a client get a new θ̄_i? In synchronous mode (updates carry a round)
 participant of the round has reported; in asynchronous mode (no round), at each update of
 that client. The same rule picks what goes into it: the client's own fresh update and the
 peers' latest updates that are newer than what its previous θ̄_i already contained.
+
+Before an update can enter any aggregate it is screened against the other clients' latest
+accepted updates (aggregator/outliers.py): one with a norm far above theirs, or a
+sign-flipped copy of one of them, is `quarantined` — kept with the reason on its row, never
+aggregated, counted in fedvec_updates_quarantined_total; its client keeps its adapter.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,10 +31,11 @@ import torch
 from sqlalchemy import delete, func, insert, or_, select
 from sqlalchemy.orm import Session, undefer
 
+from aggregator import outliers
 from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices, smoothed_similarity
 from aggregator.sketch import from_bytes as sketch_from_bytes
 from aggregator.sketch import sketch_state_dict
-from aggregator.sketch_index import SketchIndex
+from aggregator.sketch_index import IndexUpdate, SketchIndex
 from aggregator.strategies import Contribution, Plan, Strategy, get_strategy
 from aggregator.task_vectors import (
     InvalidTaskVector,
@@ -39,6 +46,7 @@ from aggregator.task_vectors import (
 )
 from schema.events import InvalidMessage, UpdateFailed, UpdateStored, parse_event
 from schema.models import (
+    Client,
     Grouping,
     GroupMember,
     PersonalizedAdapter,
@@ -53,6 +61,7 @@ from services.context import object_store
 from services.db import as_utc, exclusive, session_scope
 from services.object_store import ObjectNotFound
 from services.settings import Settings
+from services.signing import verify
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +71,10 @@ CACHE_BYTES = 1 << 30  # loaded (τ, θ) pairs kept in memory
 
 def _nbytes(sd: StateDict) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values())
-REPORTED = ("stored", "aggregated", "rejected", "failed")
+
+
+# statuses with which a round's participant has reported (a round completes when all have)
+REPORTED = ("stored", "aggregated", "rejected", "quarantined", "failed")
 
 
 class RejectedUpdate(Exception):
@@ -80,6 +92,7 @@ class Loaded:
 
 class Aggregator:
     def __init__(self, settings: Settings) -> None:
+        outliers.check_settings(settings.outlier_norm_ratio, settings.outlier_flip_cosine)
         self.settings = settings
         self.db_url = settings.resolved_database_url
         self.store = object_store(settings)
@@ -97,10 +110,15 @@ class Aggregator:
         # aggregate_peers > 0: sketches of every client's latest update, built from the
         # database at the first aggregation and kept up to date after it
         self._index: SketchIndex | None = None
+        self._client_keys: dict[int, str | None] = {}  # client id -> signing key (hex)
         self._indexed: dict[int, int] = {}  # client id -> update id of its indexed sketch
         # (version, membership) of the grouping last read or written: not re-read from the
         # database per update (N rows)
         self._groups_seen: tuple[int, dict[int, int]] | None = None
+        # ids of `stored` updates that passed screening in this process (dropped when they
+        # are aggregated); `aggregated` ones passed it too. Only these are references for
+        # the sign-flip check. After a restart, stored updates are screened again.
+        self._screened: set[int] = set()
 
     # --- entry point ------------------------------------------------------------------
     def handle(self, data: Any) -> str:
@@ -152,18 +170,24 @@ class Aggregator:
             metrics.UPDATES_RECEIVED.inc()
             if status != "stored":
                 return f"already-{status}"
+            candidates: list[int] | None = None
             try:
-                self._load(update)
+                tau, _ = self._load(update)
             except RejectedUpdate as exc:
                 self._reject(update, exc)
                 outcome = "rejected"
             else:
-                outcome = "accepted"
+                found, candidates = self._screen(update, tau)
+                if found is not None:
+                    self._quarantine(update, found)
+                    outcome = "quarantined"
+                else:
+                    outcome = "accepted"
         else:
             outcome = "failed"
         if event.round_id is None:
             if outcome == "accepted":
-                self.aggregate([update.client_id], round_id=None)
+                self.aggregate([update.client_id], round_id=None, candidates=candidates)
                 return "aggregated"
             return outcome
         if self._round_complete(event.round_id):
@@ -185,6 +209,7 @@ class Aggregator:
         if update.id in self._cache:
             self._cache.move_to_end(update.id)
             return self._cache[update.id]
+        self._check_signature(update)  # before any of its bytes are read
         limit = self.settings.max_adapter_bytes
         try:
             tau = ads.get_state(
@@ -216,6 +241,33 @@ class Aggregator:
             self._cache_bytes -= _nbytes(old_tau) + _nbytes(old_theta)
         return tau, theta
 
+    def _check_signature(self, update: Update) -> None:
+        """The worker signed the row with the client's secret (services/signing.py); the
+        row's sha256 then vouch for the files. Clients enrolled before signing existed
+        have no key, and their updates are taken unsigned."""
+        if update.client_id not in self._client_keys:
+            with session_scope(self.db_url) as s:
+                client = s.get(Client, update.client_id)
+                self._client_keys[update.client_id] = client.secret_hash if client else None
+        key = self._client_keys[update.client_id]
+        if key is None:
+            return
+        if not update.signature:
+            raise RejectedUpdate(f"update is not signed (client {update.client_id})", "unsigned")
+        if not verify(
+            key,
+            update.signature,
+            update.client_id,
+            update.uid,
+            update.adapter_sha256 or "",
+            update.task_vector_sha256 or "",
+        ):
+            raise RejectedUpdate(
+                f"signature does not match: not signed with client {update.client_id}'s "
+                "secret, or the row was changed after signing",
+                "bad_signature",
+            )
+
     def _reject(self, update: Update, exc: RejectedUpdate) -> None:
         log.warning("client=%s update=%s rejected: %s", update.client_id, update.uid, exc)
         with session_scope(self.db_url) as s:
@@ -224,6 +276,151 @@ class Aggregator:
                 row.status = "rejected"
                 row.reason = str(exc)[:2000]
         metrics.UPDATES_REJECTED.labels(reason=exc.label).inc()
+
+    # --- screening (aggregator/outliers.py) -------------------------------------------
+    @property
+    def _screening(self) -> bool:
+        return self.settings.outlier_norm_ratio > 0 or self.settings.outlier_flip_cosine > 0
+
+    def _trusted(self, update: Update) -> bool:
+        """Passed screening: a reference for the sign-flip check."""
+        return update.status == "aggregated" or update.id in self._screened
+
+    def _peer_norm(self, update: Update) -> float | None:
+        """‖τ‖ of a peer: the worker's stored value, else from τ (None: τ unusable)."""
+        norm = update.task_vector_norm
+        if norm is not None and norm == norm and norm >= 0:
+            return float(norm)
+        try:
+            tau, _ = self._load(update)
+        except RejectedUpdate as exc:
+            self._reject(update, exc)
+            return None
+        return outliers.vector_norm(flatten(tau))
+
+    def _flat_vectors(self, updates: list[Update]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(client id, flat τ) of each update, loaded one at a time (a lazy sequence)."""
+        for u in updates:
+            try:
+                tau, _ = self._load(u)
+            except RejectedUpdate as exc:
+                self._reject(u, exc)
+                continue
+            yield u.client_id, flatten(tau)
+
+    def _screen(
+        self, update: Update, tau: StateDict
+    ) -> tuple[outliers.Outlier | None, list[int] | None]:
+        """Screen a validated update against the other clients' latest accepted updates
+        before it can enter any aggregate: their median norm (stored norms, no vectors read
+        where the worker wrote them), then, for the sign flip, the vectors of those stored
+        earlier that passed screening and have a similar norm.
+
+        With aggregate_peers = m > 0 the peers are the update's aggregate candidates (its m
+        nearest by sketch; returned, so that the aggregation does not search the index
+        again) plus the few clients whose sketch is nearly opposite to its own (a flipped
+        copy is never in its victim's sketch group): O(m) rows and vectors, not O(N).
+        Returns (the outlier or None, the candidates' update ids or None)."""
+        if not self._screening or update.id in self._screened:
+            return None, None
+        flip = self.settings.outlier_flip_cosine
+        candidates: list[int] | None = None
+        opposed: list[Update] = []
+        with session_scope(self.db_url) as s:
+            if self.settings.aggregate_peers > 0:
+                candidates, rows = self._nearest_rows(s, [update.client_id])
+                peers = self._latest_accepted(s, candidates)
+                row = rows.get(update.client_id)
+                hits = [] if row is None else outliers.anti_aligned(row.similarity, flip)
+                if hits and self._index is not None:
+                    ids = self._index.client_ids  # the row's order
+                    far = [self._indexed[ids[i]] for i in hits if ids[i] != update.client_id]
+                    opposed = self._latest_accepted(s, far)
+            else:
+                peers = self._latest_accepted(s)
+        peers = [u for u in peers if u.client_id != update.client_id]
+        known = {u.id for u in peers}
+        opposed = [u for u in opposed if u.id not in known and u.client_id != update.client_id]
+        norms = {u.id: n for u in peers + opposed if (n := self._peer_norm(u)) is not None}
+        flat = flatten(tau)
+        own = outliers.vector_norm(flat)
+        found = outliers.norm_outlier(
+            own, [norms[u.id] for u in peers if u.id in norms], self.settings.outlier_norm_ratio
+        )
+        if found is None and flip > 0:
+            # a copy is of an update stored before it; a reference must have passed screening
+            refs = [
+                u
+                for u in peers + opposed
+                if u.id < update.id
+                and u.id in norms
+                and self._trusted(u)
+                and outliers.in_flip_band(own, norms[u.id])
+            ]
+            found = outliers.sign_flipped(flat, self._flat_vectors(refs), flip)
+        if found is None:
+            self._screened.add(update.id)
+        return found, candidates
+
+    def _screen_pending(
+        self, loaded: list[Loaded], vectors: torch.Tensor, now: torch.Tensor
+    ) -> list[int]:
+        """Updates of an aggregate not screened through their own event yet (the event is
+        still queued behind others, or this process restarted), screened here against the
+        rest of the aggregate, oldest first, from its vectors and cosines; flagged ones are
+        quarantined. Returns the positions in `loaded` that stay."""
+        n = len(loaded)
+        pending = sorted(
+            (
+                i
+                for i, x in enumerate(loaded)
+                if x.update.status == "stored" and x.update.id not in self._screened
+            ),
+            key=lambda i: loaded[i].update.id,
+        )
+        if not pending or not self._screening:
+            return list(range(n))
+        norms = [outliers.vector_norm(v) for v in vectors]
+        dropped: set[int] = set()
+        for i in pending:
+            mine = loaded[i].update
+            others = [j for j in range(n) if j != i and j not in dropped]
+            found = outliers.norm_outlier(
+                norms[i], [norms[j] for j in others], self.settings.outlier_norm_ratio
+            )
+            if found is None:
+                refs = (
+                    (loaded[j].update.client_id, float(now[i, j]), norms[j])
+                    for j in others
+                    if loaded[j].update.id < mine.id and self._trusted(loaded[j].update)
+                )
+                found = outliers.flip_outlier(norms[i], refs, self.settings.outlier_flip_cosine)
+            if found is None:
+                self._screened.add(mine.id)
+            else:
+                self._quarantine(mine, found)
+                dropped.add(i)
+        return [i for i in range(n) if i not in dropped]
+
+    def _quarantine(self, update: Update, found: outliers.Outlier) -> None:
+        log.warning(
+            "client=%s update=%s (id %s) quarantined, %s: %s",
+            update.client_id,
+            update.uid,
+            update.id,
+            found.reason,
+            found.message,
+        )
+        with session_scope(self.db_url) as s:
+            row = s.get(Update, update.id)
+            if row is not None and row.status == "stored":
+                row.status = "quarantined"
+                row.reason = f"{found.reason}: {found.message}"[:2000]
+        metrics.UPDATES_QUARANTINED.labels(reason=found.reason).inc()
+        self._screened.discard(update.id)
+        cached = self._cache.pop(update.id, None)  # never read again
+        if cached is not None:
+            self._cache_bytes -= _nbytes(cached[0]) + _nbytes(cached[1])
 
     # --- rounds -----------------------------------------------------------------------
     def _round_complete(self, round_id: int) -> bool:
@@ -264,13 +461,16 @@ class Aggregator:
         return list(s.scalars(query.order_by(Update.client_id)))
 
     def _contributions(
-        self, targets: list[int]
+        self, targets: list[int], candidates: list[int] | None = None
     ) -> tuple[list[Loaded], dict[int, tuple[int, int]]]:
         """The latest accepted update of every client (with aggregate_peers = m > 0: of the
-        targets and their m nearest clients by sketch), loaded; plus, per client, its current
+        targets and their m nearest clients by sketch, or the given candidates' update ids
+        when screening just found them), loaded; plus, per client, its current
         personalized (version, watermark)."""
         with session_scope(self.db_url) as s:
-            if self.settings.aggregate_peers > 0:
+            if candidates is not None:
+                latest = self._latest_accepted(s, candidates)
+            elif self.settings.aggregate_peers > 0:
                 latest = self._latest_accepted(s, self._nearest(s, targets))
             else:
                 latest = self._latest_accepted(s)
@@ -293,10 +493,22 @@ class Aggregator:
             loaded.append(Loaded(update, tau, theta))
         return loaded, current
 
-    def aggregate(self, targets: list[int], *, round_id: int | None) -> None:
-        """Publish a new θ̄ for each target client whose own update is fresh."""
+    def aggregate(
+        self, targets: list[int], *, round_id: int | None, candidates: list[int] | None = None
+    ) -> None:
+        """Publish a new θ̄ for each target client whose own update is fresh (candidates:
+        with aggregate_peers > 0, the update ids `_screen` found for the one target)."""
         t0 = time.perf_counter()
-        loaded, current = self._contributions(targets)
+        loaded, current = self._contributions(targets, candidates)
+        if loaded:
+            vectors = torch.stack([flatten(x.task_vector) for x in loaded])
+            now = cosine_matrix(vectors)
+            keep = self._screen_pending(loaded, vectors, now)
+            del vectors
+            if len(keep) < len(loaded):
+                loaded = [loaded[i] for i in keep]
+                pick = torch.tensor(keep, dtype=torch.int64)
+                now = now[pick][:, pick]
         if not loaded:
             self._finish_round(round_id)
             return
@@ -312,7 +524,6 @@ class Aggregator:
             )
             for x in loaded
         ]
-        now = cosine_matrix(torch.stack([flatten(x.task_vector) for x in loaded]))
         sim_index = self._similarity_index(loaded, now)
         plan = self.strategy.plan(contributions, sim_index)
         watermark = max(x.update.id for x in loaded)
@@ -376,6 +587,12 @@ class Aggregator:
         with every client's latest sketch, then each target takes the m members of its
         sketch group most similar to it. Work per aggregation: one pass over the N × k
         sketches and reading what changed (ids of N latest updates, no rows, no vectors)."""
+        return self._nearest_rows(s, targets)[0]
+
+    def _nearest_rows(
+        self, s: Session, targets: list[int]
+    ) -> tuple[list[int], dict[int, IndexUpdate]]:
+        """_nearest, and each target's IndexUpdate (its sketch similarity row)."""
         k, m = self.settings.sketch_dim, self.settings.aggregate_peers
         if k <= 0:
             raise ValueError("FEDVEC_AGGREGATE_PEERS needs sketches: set FEDVEC_SKETCH_DIM > 0")
@@ -410,10 +627,12 @@ class Aggregator:
         # every new sketch
         index.update(others, similarity=False)
         keep = set(wanted)
+        rows: dict[int, IndexUpdate] = {}
         for row in index.update(mine):
+            rows[row.client_id] = row
             keep.update(index.peers(row, m))
         metrics.SIMILARITY_INDEX_CLIENTS.set(len(index))
-        return [latest[c] for c in keep]
+        return [latest[c] for c in keep], rows
 
     def _sketch_of(self, update: Update, stored: bytes | None) -> torch.Tensor:
         """The worker's sketch of τ; made here from τ for an update without a usable one
@@ -518,6 +737,8 @@ class Aggregator:
             entries = s.scalar(select(func.count()).select_from(SimilarityEdge)) or 0
         metrics.UPDATES_AGGREGATED.inc(len(published))
         metrics.SIMILARITY_INDEX_ENTRIES.set(entries)
+        for client_id, _ in published:  # `aggregated` now: trusted by status
+            self._screened.discard(loaded[ids.index(client_id)].update.id)
 
     def _finish_round(self, round_id: int | None, s: Session | None = None) -> None:
         if round_id is None:

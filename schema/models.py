@@ -41,6 +41,9 @@ class Client(Base):
     test_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     num_examples: Mapped[int] = mapped_column(Integer)
     num_test_examples: Mapped[int] = mapped_column(Integer, default=0)
+    # services/signing.signing_key(secret): the HMAC key updates are verified with; the
+    # secret itself is never stored. NULL: enrolled before signing existed (unsigned updates)
+    secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -67,7 +70,8 @@ class Update(Base):
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), index=True)
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), nullable=True)
     base_version: Mapped[int] = mapped_column(Integer)  # θ̄ version it started from
-    # stored -> aggregated | rejected ; failed: the worker gave up (no objects referenced)
+    # stored -> aggregated | rejected | quarantined (a likely poisoned update, kept apart);
+    # failed: the worker gave up (no objects referenced)
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     adapter_key: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -77,6 +81,8 @@ class Update(Base):
     task_vector_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
     # count sketch of τ (float32 little-endian, aggregator/sketch.py), written by the worker
     sketch: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    # HMAC-SHA256 by the worker over client id, uid and both sha256 (services/signing.py)
+    signature: Mapped[str | None] = mapped_column(String(64), nullable=True)
     num_examples: Mapped[int] = mapped_column(Integer, default=0)
     steps: Mapped[int] = mapped_column(Integer, default=0)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)

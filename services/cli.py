@@ -127,7 +127,11 @@ def enroll(
 
     Records: {"prompt": ..., "options": [...], "answer": ...} (JSON lines or a JSON list),
     or FLAN records with an OPTIONS: list. The file is checked before anything is
-    written; the data stays where it is (workers of SITE read it)."""
+    written; the data stays where it is (workers of SITE read it).
+
+    The client gets a secret, printed once and added to FEDVEC_CLIENT_SECRETS_FILE: a
+    worker signs the client's updates with it, and the aggregator refuses updates that
+    are not signed by the client's secret (the database keeps only a hash of it)."""
     settings = _settings(ctx)
     _check_db(settings)
     row = ops.enroll(settings, name, data, test=test, task=task, site=site)
@@ -135,6 +139,17 @@ def enroll(
         _echo_json(row)
     else:
         click.echo(f"enrolled {row['name']} (id {row['id']}, {row['num_examples']} examples)")
+        # the only time the secret is shown: the database keeps a hash of it
+        click.echo(f"secret (shown once): {row['secret']}")
+        click.echo(
+            f"added to {row['secrets_file']}; the workers of site {row['site']!r} need it "
+            "in their FEDVEC_CLIENT_SECRETS_FILE to train this client"
+        )
+        if row["policy_file"]:
+            click.echo(
+                f"object-store policy (its own prefix only): {row['policy_file']}; apply it "
+                "with MinIO's `mc admin policy` (README: Reliability and security)"
+            )
 
 
 @cli.command()
@@ -274,7 +289,7 @@ def evaluate(
 
 
 # --- inspection ------------------------------------------------------------------------
-UPDATE_STATUSES = ("stored", "aggregated", "rejected", "failed")
+UPDATE_STATUSES = ("stored", "aggregated", "rejected", "quarantined", "failed")
 log = logging.getLogger("fedvec.cli")
 
 

@@ -22,6 +22,11 @@ UPDATES_AGGREGATED = Counter(
 UPDATES_REJECTED = Counter(
     "fedvec_updates_rejected_total", "Updates refused by the aggregator", ["reason"]
 )
+UPDATES_QUARANTINED = Counter(
+    "fedvec_updates_quarantined_total",
+    "Updates held out of every aggregate as likely poisoned (aggregator/outliers.py)",
+    ["reason"],
+)
 EVENTS = Counter("fedvec_events_total", "Aggregator events by outcome", ["outcome"])
 REGROUPS = Counter("fedvec_regroup_events_total", "New group versions written")
 AGGREGATION_SECONDS = Histogram(
@@ -90,7 +95,15 @@ OBJECT_STORE_SECONDS = Histogram(
 
 # Known label values start at 0: a labelled counter is otherwise born at its first
 # increment, with value 1, and rate()/increase() miss that first rejection or failure.
-REJECT_REASONS = ("invalid_file", "missing_object", "non_finite", "invalid_tensor")
+REJECT_REASONS = (
+    "invalid_file",
+    "missing_object",
+    "non_finite",
+    "invalid_tensor",
+    "unsigned",
+    "bad_signature",
+)
+QUARANTINE_REASONS = ("norm_outlier", "sign_flipped")  # = aggregator.outliers.REASONS
 EVENT_OUTCOMES = (
     "invalid",
     "duplicate",
@@ -98,11 +111,14 @@ EVENT_OUTCOMES = (
     "aggregated",
     "round-aggregated",
     "rejected",
+    "quarantined",
     "failed",
 )
 TASK_NAMES = ("train", "evaluate", "aggregate")
 for _reason in REJECT_REASONS:
     UPDATES_REJECTED.labels(reason=_reason)
+for _reason in QUARANTINE_REASONS:
+    UPDATES_QUARANTINED.labels(reason=_reason)
 for _outcome in EVENT_OUTCOMES:
     EVENTS.labels(outcome=_outcome)
 for _task in TASK_NAMES:

@@ -28,7 +28,9 @@ from schema.models import (
 from services.client_data import ClientDataError, load_examples, task_kind
 from services.context import object_store
 from services.db import session_scope
+from services.s3_policy import write_client_policy
 from services.settings import Settings
+from services.signing import SigningError, add_secret, new_secret, signing_key
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -80,12 +82,33 @@ def enroll(
         num_examples=len(examples),
         num_test_examples=len(test_examples),
     )
+    secret = new_secret()
+    row.secret_hash = signing_key(secret)
     try:
         with session_scope(settings.resolved_database_url) as s:
             s.add(row)
+            s.flush()  # the id names the secret in the site's file
+            # Written before the row commits: a failed write leaves no client without a
+            # secret; a failed commit leaves an unused entry that the next enrollment of
+            # that id overwrites.
+            add_secret(settings.client_secrets_path, row.id, secret)
+            policy = (
+                write_client_policy(
+                    settings.home_path / "policies", settings.object_store_url, row.id
+                )
+                if settings.object_store_url.startswith("s3://")
+                else None
+            )
     except IntegrityError:
         raise OperationError(f"a client named {name!r} is already enrolled") from None
-    return client_dict(row)
+    except (OSError, SigningError) as exc:
+        raise OperationError(f"cannot enroll {name}: {exc}") from None
+    return {
+        **client_dict(row),
+        "secret": secret,
+        "secrets_file": str(settings.client_secrets_path),
+        "policy_file": str(policy) if policy else None,
+    }
 
 
 def client_dict(c: Client) -> dict[str, Any]:
@@ -212,7 +235,7 @@ def round_summary(settings: Settings, round_id: int) -> dict[str, Any]:
             "failed": [
                 {"client_id": u.client_id, "update": u.uid, "reason": u.reason}
                 for u in updates
-                if u.status in ("failed", "rejected")
+                if u.status in ("failed", "rejected", "quarantined")
             ],
         }
 

@@ -77,6 +77,18 @@ class Settings:
     # hundreds of clients). m > 0: only the client and the m clients of its sketch group
     # most similar to it, so per-update work stops growing with the number of clients.
     aggregate_peers: int = 0
+    # Poisoned / outlier updates (aggregator/outliers.py) are quarantined: kept, never
+    # aggregated; the client keeps its adapter. An update is one when its τ norm exceeds this
+    # many times the median of the other clients' latest updates (with aggregate_peers = m:
+    # of its m peers; needs >= 3 of them). Scaled updates are how model-replacement attacks
+    # outweigh everyone else. 0: off.
+    outlier_norm_ratio: float = 10.0
+    # ... or when its τ has cosine <= −this with an earlier accepted update of another client
+    # at a similar norm (0.5–2×): a sign-flipped copy cancels that client's work. 0: off.
+    outlier_flip_cosine: float = 0.95
+    # The secrets of the clients this worker may train ({"<client id>": "<secret>"}, written
+    # by `fedvec enroll`; services/signing.py). Default: <home>/client-secrets.json
+    client_secrets_file: str = ""
 
     flan8_dir: str = "../shared/data/flan8"
     log_level: str = "INFO"
@@ -98,6 +110,12 @@ class Settings:
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def client_secrets_path(self) -> Path:
+        if self.client_secrets_file:
+            return Path(self.client_secrets_file).expanduser()
+        return self.home_path / "client-secrets.json"
 
     @property
     def broker_folder(self) -> Path:

@@ -26,6 +26,7 @@ from schema.models import (
 from services import adapter_store as ads
 from services.context import object_store
 from services.db import session_scope
+from services.signing import sign, signing_key
 
 KEYS = {
     "base_model.model.enc.layer.0.query.lora_A.weight": (4, 16),
@@ -87,7 +88,12 @@ class Harness:
         return row.version, ads.get_state(self.store, row.key, max_bytes=2**30)
 
     def update(
-        self, client_id: int, tau: dict, round_id: int | None, sketch: bytes | None = None
+        self,
+        client_id: int,
+        tau: dict,
+        round_id: int | None,
+        sketch: bytes | None = None,
+        secret: str | None = None,
     ) -> UpdateStored:
         version, base = self.current(client_id)
         uid = str(uuid.uuid4())
@@ -109,6 +115,9 @@ class Harness:
                     task_vector_sha256=t_sha,
                     num_examples=10,
                     sketch=sketch,
+                    signature=(
+                        sign(signing_key(secret), client_id, uid, a_sha, t_sha) if secret else None
+                    ),
                 )
             )
         return UpdateStored(update_uid=uid, client_id=client_id, round_id=round_id)
@@ -323,3 +332,263 @@ def test_aggregate_peers_reads_only_the_clients_nearest_by_sketch(harness):
     # the last client saw two peers: its group had three other members by then
     last = max(rows, key=lambda r: r.id)
     assert len(last.sources["updates"]) == 3
+
+
+# --- poisoned / outlier updates (aggregator/outliers.py) ----------------------------------
+PLANTED = (direction(301), direction(302))  # the two tasks of the honest clients
+
+
+def honest_tau(i: int, step: int) -> dict[str, torch.Tensor]:
+    """Honest client i's τ at its `step`-th update: its group's task plus its own noise."""
+    return mix(PLANTED[i % 2], direction(1000 + 10 * i + step), 1.0, 0.3)
+
+
+def send(h: Harness, client_id: int, tau: dict, round_id: int | None = None, *, norm=False):
+    """h.update, with the τ norm on the row as a worker writes it when `norm`."""
+    event = h.update(client_id, tau, round_id)
+    if norm:
+        value = math.sqrt(sum(float((v.double() ** 2).sum()) for v in tau.values()))
+        with session_scope(h.db) as s:
+            row = s.scalars(select(Update).where(Update.uid == event.update_uid)).one()
+            row.task_vector_norm = value
+    return event
+
+
+def quarantined_total(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    sample = REGISTRY.get_sample_value("fedvec_updates_quarantined_total", {"reason": reason})
+    return sample or 0.0
+
+
+def adapters(h: Harness, client_ids: list[int]) -> dict[tuple[int, int], dict]:
+    """Every personalized adapter of these clients, by (client, version)."""
+    with session_scope(h.db) as s:
+        rows = list(
+            s.scalars(
+                select(PersonalizedAdapter).where(PersonalizedAdapter.client_id.in_(client_ids))
+            )
+        )
+    return {(r.client_id, r.version): ads.get_state(h.store, r.key, max_bytes=2**30) for r in rows}
+
+
+def same_adapters(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[v].keys() == b[v].keys() and all(torch.equal(a[v][k], b[v][k]) for k in a[v]) for v in a
+    )
+
+
+@pytest.fixture
+def fresh_harness(harness, tmp_path):
+    """More harnesses of the same kind as `harness` (SQLite + folder, or PostgreSQL + S3),
+    each on its own empty database and object store: runs to compare with."""
+    from services.db import upgrade
+    from tests.conftest import create_postgres_database
+
+    drops = []
+
+    def make(name: str, **overrides) -> Harness:
+        home = tmp_path / name
+        home.mkdir()
+        settings = harness.settings.replace(home=str(home), **overrides)
+        if not settings.resolved_database_url.startswith("sqlite"):
+            url, drop = create_postgres_database()
+            drops.append(drop)
+            bucket = f"s3://fedvec-{uuid.uuid4().hex[:12]}"
+            settings = settings.replace(database_url=url, object_store_url=bucket)
+        upgrade(settings.resolved_database_url)
+        return Harness(settings)
+
+    yield make
+    for drop in drops:
+        drop()
+
+
+def federation(h: Harness, agg: Aggregator, poison=None, *, norm=False):
+    """10 honest clients in 2 planted groups update twice, asynchronously; with `poison`,
+    an 11th client sends poison(first τ of each honest client) between the two passes.
+    Returns (honest client ids, the poisoned update's event, its outcome)."""
+    ids = [h.client(f"h{i}") for i in range(10)]
+    first: dict[int, dict] = {}
+    bad_event, bad_outcome = None, None
+    for step in (0, 1):
+        for i, c in enumerate(ids):
+            tau = honest_tau(i, step)
+            first.setdefault(c, tau)
+            assert agg.handle(send(h, c, tau, norm=norm).to_dict()) == "aggregated"
+        if step == 0 and poison is not None:
+            bad = h.client("poisoned")
+            bad_event = send(h, bad, poison(first), norm=norm)
+            bad_outcome = agg.handle(bad_event.to_dict())
+    return ids, bad_event, bad_outcome
+
+
+@pytest.mark.parametrize(
+    "attack, strategy", [("scaled", "fedbip"), ("flipped", "fedbip"), ("flipped", "fedavg")]
+)
+def test_poisoned_update_is_quarantined_and_honest_adapters_are_unchanged(
+    harness, fresh_harness, attack, strategy
+):
+    """A model-replacement update (an honest τ × 50) or a sign-flipped copy of an honest
+    client's τ, among 10 honest clients: quarantined, in no adapter, and every honest
+    client's personalized adapters (so their accuracy) are bit for bit those of the same
+    run without it. Screening off, the same update does change them (where the strategy
+    lets it: FedBip already gives an opposed update no weight)."""
+    from aggregator.outliers import NORM_OUTLIER, SIGN_FLIPPED
+
+    def poison(first: dict[int, dict]) -> dict:
+        victim = first[min(first)]
+        factor = 50.0 if attack == "scaled" else -1.0
+        return {k: factor * v for k, v in victim.items()}
+
+    reason = NORM_OUTLIER if attack == "scaled" else SIGN_FLIPPED
+    norm = attack == "scaled"  # stored norms as a worker writes them; else read from τ
+    agg = Aggregator(harness.settings.replace(strategy=strategy))
+    before = quarantined_total(reason)
+    ids, bad, outcome = federation(harness, agg, poison, norm=norm)
+
+    assert outcome == "quarantined"
+    assert quarantined_total(reason) == before + 1
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == bad.update_uid)).one()
+        assert row.status == "quarantined" and row.reason.startswith(f"{reason}: ")
+        sources = [u for r in s.scalars(select(PersonalizedAdapter)) for u in r.sources["updates"]]
+        edges = s.scalars(
+            select(SimilarityEdge).where(
+                (SimilarityEdge.client_id == bad.client_id)
+                | (SimilarityEdge.peer_id == bad.client_id)
+            )
+        ).all()
+        grouped = s.scalars(select(GroupMember).where(GroupMember.client_id == bad.client_id))
+        assert grouped.first() is None and not edges
+    assert bad.update_uid not in sources and len(sources) > 0
+    assert harness.current(bad.client_id)[0] == 0  # it keeps what it had
+    assert all(harness.current(c)[0] == 2 for c in ids)
+
+    clean = fresh_harness("clean", strategy=strategy)
+    clean_ids, _, _ = federation(clean, clean.agg, norm=norm)
+    assert clean_ids == ids
+    poisoned_run = adapters(harness, ids)
+    assert len(poisoned_run) == 20 and same_adapters(poisoned_run, adapters(clean, ids))
+
+    if strategy == "fedavg" or attack == "scaled":
+        off = fresh_harness("off", strategy=strategy, outlier_norm_ratio=0, outlier_flip_cosine=0)
+        _, _, unscreened = federation(off, off.agg, poison, norm=norm)
+        assert unscreened == "aggregated"
+        assert not same_adapters(adapters(off, ids), poisoned_run)
+
+
+def test_quarantined_update_completes_a_synchronous_round(harness):
+    """Like a rejected one: the round aggregates its honest participants, the quarantined
+    client keeps its adapter and takes part in the next round as usual."""
+    ids = [harness.client(f"s{i}") for i in range(5)]
+    honest, bad = ids[:4], ids[4]
+    rid = harness.round(ids)
+    for i, c in enumerate(honest):
+        assert harness.agg.handle(send(harness, c, honest_tau(i, 0), rid).to_dict()) == "accepted"
+    before = quarantined_total("norm_outlier")
+    boosted = {k: 50 * v for k, v in honest_tau(4, 0).items()}
+    e_bad = send(harness, bad, boosted, rid)
+    assert harness.agg.handle(e_bad.to_dict()) == "round-aggregated"
+    assert harness.status(e_bad.update_uid) == "quarantined"
+    assert quarantined_total("norm_outlier") == before + 1
+    with session_scope(harness.db) as s:
+        assert s.get(Round, rid).status == "aggregated"
+    assert [harness.current(c)[0] for c in ids] == [1, 1, 1, 1, 0]
+
+    rid2 = harness.round(ids)
+    outcomes = [
+        harness.agg.handle(send(harness, c, honest_tau(i, 1), rid2).to_dict())
+        for i, c in enumerate(ids)
+    ]
+    assert outcomes == ["accepted"] * 4 + ["round-aggregated"]
+    assert [harness.current(c)[0] for c in ids] == [2, 2, 2, 2, 1]
+
+
+def test_screening_with_aggregate_peers_reads_only_candidates(harness):
+    """FEDVEC_AGGREGATE_PEERS=m: the norm is compared with the update's m candidates, and a
+    flipped copy (never in its victim's sketch group) is found through its sketch row."""
+    k = 64
+    agg = Aggregator(harness.settings.replace(aggregate_peers=4, sketch_dim=k))
+
+    def send_sketched(c: int, tau: dict):
+        return harness.update(c, tau, None, sketch=to_bytes(sketch_state_dict(tau, k, 0)))
+
+    ids = [harness.client(f"p{i}") for i in range(12)]
+    taus = {c: mix(direction(100 + i % 3), direction(200 + i), 1.0, 0.3) for i, c in enumerate(ids)}
+    for c in ids:
+        assert agg.handle(send_sketched(c, taus[c]).to_dict()) == "aggregated"
+    scaled, flipped = harness.client("scaled"), harness.client("flipped")
+    victim = taus[ids[4]]
+    e_scaled = send_sketched(scaled, {k: 50 * v for k, v in victim.items()})
+    e_flipped = send_sketched(flipped, {k: -v for k, v in victim.items()})
+    assert agg.handle(e_scaled.to_dict()) == "quarantined"
+    assert agg.handle(e_flipped.to_dict()) == "quarantined"
+    with session_scope(harness.db) as s:
+        reasons = {
+            u.client_id: u.reason.split(":")[0]
+            for u in s.scalars(select(Update).where(Update.status == "quarantined"))
+        }
+    assert reasons == {scaled: "norm_outlier", flipped: "sign_flipped"}
+    # honest updates go on; the quarantined clients leave the sketch index and the groups
+    for c in ids:
+        assert agg.handle(send_sketched(c, taus[c]).to_dict()) == "aggregated"
+    assert scaled not in agg._index and flipped not in agg._index
+    with session_scope(harness.db) as s:
+        sources = [u for r in s.scalars(select(PersonalizedAdapter)) for u in r.sources["updates"]]
+        version = s.scalar(select(func.max(GroupMember.version)))
+        members = set(
+            s.scalars(select(GroupMember.client_id).where(GroupMember.version == version))
+        )
+    assert e_scaled.update_uid not in sources and e_flipped.update_uid not in sources
+    assert members == set(ids)
+
+
+@pytest.mark.parametrize("attack", ["scaled", "flipped"])
+def test_update_whose_event_is_still_queued_is_screened_before_it_is_aggregated(harness, attack):
+    """A stored update enters other clients' aggregates even before its own event is
+    handled (it is still queued, or the aggregator restarted): it is screened there."""
+    ids = [harness.client(f"q{i}") for i in range(6)]
+    for i, c in enumerate(ids[:5]):
+        assert harness.agg.handle(send(harness, c, honest_tau(i, 0)).to_dict()) == "aggregated"
+    factor, victim = (50.0, 0) if attack == "scaled" else (-1.0, 1)
+    e_bad = send(harness, ids[5], {k: factor * v for k, v in honest_tau(victim, 0).items()})
+    # its event waits; another client's is handled first, by a freshly started aggregator
+    restarted = Aggregator(harness.settings)
+    assert restarted.handle(send(harness, ids[0], honest_tau(0, 1)).to_dict()) == "aggregated"
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == e_bad.update_uid)).one()
+        sources = [u for r in s.scalars(select(PersonalizedAdapter)) for u in r.sources["updates"]]
+    reason = "norm_outlier" if attack == "scaled" else "sign_flipped"
+    assert row.status == "quarantined" and row.reason.startswith(reason)
+    assert e_bad.update_uid not in sources
+    assert restarted.handle(e_bad.to_dict()) == "already-quarantined"
+    assert harness.current(ids[5])[0] == 0
+
+
+def test_updates_must_be_signed_with_the_clients_secret(harness):
+    """A client enrolled with a secret: only updates signed with it are used. Site A's
+    worker, which holds A's secret but not B's, cannot pass an update off as B's."""
+    a, b = harness.client("a"), harness.client("b")
+    with session_scope(harness.db) as s:
+        s.get(Client, a).secret_hash = signing_key("secret-a")
+        s.get(Client, b).secret_hash = signing_key("secret-b")
+    forged = harness.update(b, direction(1), None, secret="secret-a")  # signed as A
+    unsigned = harness.update(b, direction(2), None)
+    assert harness.agg.handle(forged.to_dict()) == "rejected"
+    assert harness.agg.handle(unsigned.to_dict()) == "rejected"
+    with session_scope(harness.db) as s:
+        reasons = {
+            u.uid: u.reason for u in s.scalars(select(Update).where(Update.status == "rejected"))
+        }
+    assert "not signed with client" in reasons[forged.update_uid]
+    assert "not signed" in reasons[unsigned.update_uid]
+    assert harness.current(b)[0] == 0  # B's adapter untouched
+    good = harness.update(b, direction(3), None, secret="secret-b")
+    assert harness.agg.handle(good.to_dict()) == "aggregated"
+    # a row changed after signing (its files swapped for others) no longer verifies
+    tampered = harness.update(a, direction(4), None, secret="secret-a")
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == tampered.update_uid)).one()
+        row.task_vector_sha256 = "0" * 64
+    assert harness.agg.handle(tampered.to_dict()) == "rejected"

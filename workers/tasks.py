@@ -32,6 +32,7 @@ from services.context import object_store
 from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
+from services.signing import secret_for, sign, signing_key
 from workers.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
 from workers.model import ModelRuntime, TrainResult, get_runtime, lora_config, metric_name
 
@@ -109,6 +110,12 @@ def run_training(
             log.info("client=%s update=%s already %s", client.name, uid, existing.status)
             return {"update_uid": uid, "status": existing.status, "duplicate": True}
         name, data_path = client.name, client.data_path
+        # a client with a secret is trained only where its secret is: refuse before training
+        secret = (
+            secret_for(settings.client_secrets_path, req.client_id)
+            if client.secret_hash is not None
+            else None
+        )
 
     store = object_store(settings)
     current = current_adapter(db_url, req.client_id)
@@ -145,6 +152,8 @@ def run_training(
         meta = {"client_id": str(req.client_id), "update_uid": uid}
         adapter_sha = ads.put_state(store, adapter_key, result.adapter, **meta)
         tv_sha = ads.put_state(store, tv_key, tau, **meta)
+        key = signing_key(secret) if secret is not None else None
+        signature = sign(key, req.client_id, uid, adapter_sha, tv_sha) if key else None
         row = Update(
             uid=uid,
             client_id=req.client_id,
@@ -157,6 +166,7 @@ def run_training(
             task_vector_sha256=tv_sha,
             task_vector_norm=norm,
             sketch=sk,
+            signature=signature,
             num_examples=len(examples),
             steps=result.steps,
             train_loss=result.loss,
