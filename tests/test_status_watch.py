@@ -49,7 +49,9 @@ def test_watch_prints_count_frames_with_header_and_summary(enrolled):
     for n, frame in enumerate(shown, 1):
         lines = frame.splitlines()
         assert lines[0].startswith("fedvec status  ") and f"frame {n}/2" in lines[0]
-        assert lines[1].startswith("updates: stored 0, aggregated 0, rejected 0, failed 0")
+        assert lines[1].startswith(
+            "updates: stored 0, aggregated 0, rejected 0, quarantined 0, failed 0"
+        )
         assert "grouping version -" in lines[1]
         assert "alice" in frame and "bob" in frame
         assert "queues: train=0, aggregate=0, train.lab=0" in frame
@@ -79,7 +81,13 @@ def test_json_watch_prints_one_object_per_line(enrolled):
     for o in objs:
         assert o["error"] is None and o["broker_error"] is None and o["time"]
         assert o["status"]["clients"] == one_shot["clients"]
-        assert o["summary"]["updates"] == {"stored": 0, "aggregated": 0, "rejected": 0, "failed": 0}
+        assert o["summary"]["updates"] == {
+            "stored": 0,
+            "aggregated": 0,
+            "rejected": 0,
+            "quarantined": 0,
+            "failed": 0,
+        }
         assert o["summary"]["grouping_version"] is None
     assert objs[0]["summary"]["aggregated_per_s"] is None
     assert objs[1]["summary"]["aggregated_since_last_frame"] == 0
@@ -97,7 +105,13 @@ def test_summary_counts_updates_and_their_rate(enrolled, monkeypatch):
     monkeypatch.setattr(ops, "status", fake_status)
     result = run(enrolled, "status", "--json", "--watch", "--count", "2", "--interval", "0.1")
     summary = json.loads(result.output.splitlines()[1])["summary"]
-    assert summary["updates"] == {"stored": 1, "aggregated": 3, "rejected": 0, "failed": 1}
+    assert summary["updates"] == {
+        "stored": 1,
+        "aggregated": 3,
+        "rejected": 0,
+        "quarantined": 0,
+        "failed": 1,
+    }
     assert summary["aggregated_since_last_frame"] == 3
     assert 0 < summary["aggregated_per_s"] <= 3 / 0.1 + 1e-6
 
