@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import torch
@@ -754,16 +754,19 @@ class Aggregator:
             rnd.status = "aggregated"
             rnd.aggregated_at = datetime.now(UTC)
 
-    def recover(self) -> None:
-        """At start-up: finish what a crash or a lost event left undone (complete rounds
-        not aggregated, asynchronous updates stored but not aggregated)."""
+    def recover(self, older_than_s: float = 0.0) -> None:
+        """Finish what a crash or a lost event left undone: complete rounds not aggregated,
+        asynchronous updates stored but not aggregated. At start-up for everything; then
+        every FEDVEC_RECOVER_INTERVAL for updates older than that, whose event will not come
+        (lost with the broker, or its task gave up): the database, not the queue, says what
+        is left to do."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
         with session_scope(self.db_url) as s:
             open_rounds = list(s.scalars(select(Round.id).where(Round.status == "training")))
-            pending = list(
-                s.scalars(
-                    select(Update).where(Update.status == "stored", Update.round_id.is_(None))
-                )
-            )
+            query = select(Update).where(Update.status == "stored", Update.round_id.is_(None))
+            if older_than_s > 0:
+                query = query.where(Update.created_at < cutoff)
+            pending = list(s.scalars(query.order_by(Update.id)))
         with exclusive(self.db_url, "fedvec-aggregator"):
             for round_id in open_rounds:
                 if self._round_complete(round_id):

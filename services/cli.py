@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -637,7 +638,28 @@ def aggregator(ctx: click.Context, loglevel: str) -> None:
     _check_db(settings)
     serve(settings.metrics_port)
     get_aggregator().recover()
+    if settings.recover_interval > 0:
+        threading.Thread(
+            target=_recover_forever,
+            args=(settings.recover_interval,),
+            name="fedvec-recover",
+            daemon=True,
+        ).start()
     app.worker_main(worker_argv(AGGREGATE_QUEUE, name="aggregate", loglevel=loglevel))
+
+
+def _recover_forever(interval: float) -> None:
+    """Beside the event consumer: updates whose event will never come still get aggregated
+    (handling takes the database lock, so this and the consumer never interleave)."""
+    from aggregator.tasks import get_aggregator
+
+    log = logging.getLogger("aggregator.recover")
+    while True:
+        time.sleep(interval)
+        try:
+            get_aggregator().recover(older_than_s=interval)
+        except Exception as exc:  # noqa: BLE001 - the store or database may be down: next time
+            log.warning("recovery pass failed, next in %.0fs: %s", interval, exc)
 
 
 @cli.command()
@@ -989,6 +1011,54 @@ def bench_scale(
     summary = run_scale_bench(plan, echo, show=not as_json, settings=_settings(ctx))
     if as_json:
         _echo_json(summary)
+
+
+@bench.command("soak")
+@click.option("--clients", type=int, default=None, help="clients (default 1000; quick 200)")
+@click.option("--minutes", type=float, default=None, help="sending time (default 10; quick 1)")
+@click.option("--rate", type=float, default=None, help="updates per second (default 5)")
+@click.option("--quick", is_flag=True, help="200 clients for 1 minute: the CI version")
+@click.option("--out", "out_dir", default=None, help="folder for the aggregator's log")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@click.pass_context
+def bench_soak(
+    ctx: click.Context,
+    clients: int | None,
+    minutes: float | None,
+    rate: float | None,
+    quick: bool,
+    out_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Clients with small synthetic task vectors push signed updates through Redis +
+    PostgreSQL + S3 to a real aggregator process at a fixed rate (2 % planted bad ones);
+    prints updates in, aggregated, rejected, quarantined, failed, pending and lost, latency,
+    throughput, and the aggregator's memory after warm-up and at the end. Exits 1 when an
+    update was lost or a planted bad one was not rejected.
+
+    Uses FEDVEC_DATABASE_URL, FEDVEC_BROKER_URL and FEDVEC_S3_* when set; otherwise a
+    fresh database on the local PostgreSQL, the local Redis and moto's S3 server."""
+    import dataclasses
+    import tempfile
+
+    from services.bench_soak import QUICK, SoakPlan, run_soak
+
+    given = {"clients": clients, "minutes": minutes, "rate": rate}
+    plan = dataclasses.replace(
+        QUICK if quick else SoakPlan(), **{k: v for k, v in given.items() if v is not None}
+    )
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="fedvec-soak-"))
+    result = run_soak(
+        _settings(ctx),
+        plan,
+        out_dir=out.resolve(),
+        echo=(lambda _m: None) if as_json else click.echo,
+        show=not as_json,
+    )
+    if as_json:
+        _echo_json(result)
+    if result["lost"] or not result["planted_bad_rejected"]:
+        sys.exit(1)
 
 
 # --- maintenance -----------------------------------------------------------------------

@@ -41,6 +41,9 @@ class Settings:
     broker_visibility_timeout: float = 3600.0
     site: str = ""  # this worker's site: "" consumes the shared pool, else only that site
     task_max_retries: int = 5  # retries of a task after a transient S3 / database error
+    # the aggregator re-handles stored updates older than this (seconds) whose event never
+    # came: lost with the broker, or its task ran out of retries; 0: only at start-up
+    recover_interval: float = 60.0
     retry_backoff_max: float = 120.0  # seconds; retry delays double from 1 s up to this
 
     model_path: str = field(default_factory=_default_model_path)

@@ -592,3 +592,22 @@ def test_updates_must_be_signed_with_the_clients_secret(harness):
         row = s.scalars(select(Update).where(Update.uid == tampered.update_uid)).one()
         row.task_vector_sha256 = "0" * 64
     assert harness.agg.handle(tampered.to_dict()) == "rejected"
+
+
+def test_periodic_recovery_aggregates_only_updates_whose_event_is_overdue(harness):
+    """An update stored long enough ago without its event having come (lost with the
+    broker, or its task gave up) is aggregated by recover(older_than_s); a fresh one is
+    left to its event, which may still be on its way."""
+    from datetime import UTC, datetime, timedelta
+
+    a, b = harness.client("a"), harness.client("b")
+    old = harness.update(a, direction(1), None)
+    fresh = harness.update(b, direction(2), None)
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == old.update_uid)).one()
+        row.created_at = datetime.now(UTC) - timedelta(seconds=120)
+    harness.agg.recover(older_than_s=60)
+    assert harness.status(old.update_uid) == "aggregated"
+    assert harness.status(fresh.update_uid) == "stored"
+    assert harness.agg.handle(fresh.to_dict()) == "aggregated"
+    assert harness.agg.handle(old.to_dict()) == "already-aggregated"
