@@ -620,7 +620,13 @@ class Aggregator:
         for update in s.scalars(
             select(Update).where(Update.id.in_(changed)).options(undefer(Update.sketch))
         ):
-            pair = (update.client_id, self._sketch_of(update, update.sketch))
+            try:
+                pair = (update.client_id, self._sketch_of(update, update.sketch))
+            except RejectedUpdate as exc:
+                # another client's update, stored but not validated yet (its event still
+                # queued), is unusable: refused here, so it cannot fail this event too
+                self._reject(update, exc)
+                continue
             (mine if update.client_id in wanted else others).append(pair)
             self._indexed[update.client_id] = update.id
         # bulk rows without similarity (start-up), then the targets with theirs, which see

@@ -611,3 +611,18 @@ def test_periodic_recovery_aggregates_only_updates_whose_event_is_overdue(harnes
     assert harness.status(fresh.update_uid) == "stored"
     assert harness.agg.handle(fresh.to_dict()) == "aggregated"
     assert harness.agg.handle(old.to_dict()) == "already-aggregated"
+
+
+def test_an_unusable_update_still_queued_does_not_fail_other_clients_events(harness):
+    """With FEDVEC_AGGREGATE_PEERS the index reads every client's latest update: one that
+    is stored but bad (a NaN τ, its event still queued) is refused there, and the event
+    being handled goes on."""
+    agg = Aggregator(harness.settings.replace(aggregate_peers=2, sketch_dim=64))
+    a, b, bad = harness.client("a"), harness.client("b"), harness.client("bad")
+    assert agg.handle(harness.update(a, direction(1), None).to_dict()) == "aggregated"
+    tau = direction(2)
+    tau[next(iter(tau))][0, 0] = float("nan")
+    queued = harness.update(bad, tau, None, sketch=to_bytes(sketch_state_dict(tau, 64, 0)))
+    assert agg.handle(harness.update(b, direction(3), None).to_dict()) == "aggregated"
+    assert harness.status(queued.update_uid) == "rejected"
+    assert agg.handle(queued.to_dict()) == "already-rejected"
