@@ -268,6 +268,15 @@ class Aggregator:
                 "bad_signature",
             )
 
+    def _usable(self, update: Update) -> tuple[StateDict, StateDict] | None:
+        """(τ, θ) of an update met as someone else's peer; None, and the update rejected,
+        when it is unusable."""
+        try:
+            return self._load(update)
+        except RejectedUpdate as exc:
+            self._reject(update, exc)
+            return None
+
     def _reject(self, update: Update, exc: RejectedUpdate) -> None:
         log.warning("client=%s update=%s rejected: %s", update.client_id, update.uid, exc)
         with session_scope(self.db_url) as s:
@@ -291,22 +300,14 @@ class Aggregator:
         norm = update.task_vector_norm
         if norm is not None and norm == norm and norm >= 0:
             return float(norm)
-        try:
-            tau, _ = self._load(update)
-        except RejectedUpdate as exc:
-            self._reject(update, exc)
-            return None
-        return outliers.vector_norm(flatten(tau))
+        loaded = self._usable(update)
+        return None if loaded is None else outliers.vector_norm(flatten(loaded[0]))
 
     def _flat_vectors(self, updates: list[Update]) -> Iterator[tuple[int, torch.Tensor]]:
         """(client id, flat τ) of each update, loaded one at a time (a lazy sequence)."""
         for u in updates:
-            try:
-                tau, _ = self._load(u)
-            except RejectedUpdate as exc:
-                self._reject(u, exc)
-                continue
-            yield u.client_id, flatten(tau)
+            if (loaded := self._usable(u)) is not None:
+                yield u.client_id, flatten(loaded[0])
 
     def _screen(
         self, update: Update, tau: StateDict
@@ -484,13 +485,9 @@ class Aggregator:
             for row in rows:
                 current[row.client_id] = (row.version, int(row.sources.get("watermark", 0)))
         loaded: list[Loaded] = []
-        for update in latest:
-            try:
-                tau, theta = self._load(update)
-            except RejectedUpdate as exc:  # not validated through its own event yet
-                self._reject(update, exc)
-                continue
-            loaded.append(Loaded(update, tau, theta))
+        for update in latest:  # some may not be validated through their own event yet
+            if (pair := self._usable(update)) is not None:
+                loaded.append(Loaded(update, *pair))
         return loaded, current
 
     def aggregate(
@@ -620,14 +617,12 @@ class Aggregator:
         for update in s.scalars(
             select(Update).where(Update.id.in_(changed)).options(undefer(Update.sketch))
         ):
-            try:
-                pair = (update.client_id, self._sketch_of(update, update.sketch))
-            except RejectedUpdate as exc:
-                # another client's update, stored but not validated yet (its event still
-                # queued), is unusable: refused here, so it cannot fail this event too
-                self._reject(update, exc)
+            # another client's update, stored but not validated yet (its event still
+            # queued), may be unusable: refused there, so it cannot fail this event too
+            sketch = self._sketch_of(update, update.sketch)
+            if sketch is None:
                 continue
-            (mine if update.client_id in wanted else others).append(pair)
+            (mine if update.client_id in wanted else others).append((update.client_id, sketch))
             self._indexed[update.client_id] = update.id
         # bulk rows without similarity (start-up), then the targets with theirs, which see
         # every new sketch
@@ -640,9 +635,10 @@ class Aggregator:
         metrics.SIMILARITY_INDEX_CLIENTS.set(len(index))
         return [latest[c] for c in keep], rows
 
-    def _sketch_of(self, update: Update, stored: bytes | None) -> torch.Tensor:
+    def _sketch_of(self, update: Update, stored: bytes | None) -> torch.Tensor | None:
         """The worker's sketch of τ; made here from τ for an update without a usable one
-        (stored before sketches existed, or by a worker with other sketch settings)."""
+        (stored before sketches existed, or by a worker with other sketch settings). None
+        when τ itself is unusable (the update is then rejected)."""
         k = self.settings.sketch_dim
         if stored is not None:
             try:
@@ -651,8 +647,9 @@ class Aggregator:
                 log.warning(
                     "client=%s update=%s: %s; sketching τ here", update.client_id, update.uid, exc
                 )
-        tau, _ = self._load(update)
-        return sketch_state_dict(tau, k, self.settings.sketch_seed)
+        if (loaded := self._usable(update)) is None:
+            return None
+        return sketch_state_dict(loaded[0], k, self.settings.sketch_seed)
 
     def _similarity_index(self, loaded: list[Loaded], now: torch.Tensor) -> torch.Tensor:
         """The stored index for these clients, moved by what their new vectors show."""

@@ -109,6 +109,11 @@ def _same_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], wha
             )
 
 
+def norm(sd: Mapping[str, torch.Tensor]) -> float:
+    """Euclidean norm of the flattened state dict (float64 accumulation)."""
+    return float(sum(float((v.double() ** 2).sum()) for v in sd.values()) ** 0.5)
+
+
 def task_vector(trained: StateDict, base: StateDict) -> StateDict:
     """tau = trained - base, in float32; both must have the same keys and shapes."""
     _same_keys(trained, base, "task_vector(trained, base)")

@@ -46,6 +46,7 @@ from aggregator.sketch import (
     sketch_rows,
 )
 from aggregator.sketch_index import DEFAULT_PEERS, SketchIndex, exact_aggregates
+from services.bench_latency import percentile
 from services.bench_scale_service import run_service_bench
 from services.settings import Settings, load_settings
 
@@ -223,13 +224,6 @@ class Planted:
 
 
 # --- measuring -----------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
 def _status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:

@@ -33,7 +33,7 @@ from aggregator.sketch import sketch_state_dict, to_bytes
 from schema.events import UpdateStored
 from schema.models import Client, Update
 from services import adapter_store as ads
-from services.bench_latency import scratch_postgres
+from services.bench_latency import percentile, scratch_postgres
 from services.context import object_store
 from services.db import redact_url, session_scope, upgrade
 from services.settings import Settings
@@ -47,12 +47,7 @@ GROUP_SIZE = 50  # planted clients per group, as in the math cells
 _INSERT_BATCH = 1000
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-class _Vectors:
+class PlantedVectors:
     """Planted task vectors: a shared direction per group plus a client's own noise."""
 
     def __init__(self, n: int, seed: int) -> None:
@@ -100,7 +95,7 @@ def _run(s: Settings, n: int, events: int, seed: int) -> dict[str, Any]:
     db = s.resolved_database_url
     upgrade(db)
     store = object_store(s)
-    vectors = _Vectors(n, seed)
+    vectors = PlantedVectors(n, seed)
     initial = {k: torch.zeros(shape) for k, shape in SHAPES.items()}
     ads.put_state(store, ads.INITIAL_ADAPTER_KEY, initial)
     t0 = time.perf_counter()
@@ -169,8 +164,8 @@ def _run(s: Settings, n: int, events: int, seed: int) -> dict[str, Any]:
         "setup_s": setup_s,
         "startup_ms": 1e3 * times[0],
         "latency_ms": {
-            "p50": 1e3 * _percentile(steady, 50),
-            "p95": 1e3 * _percentile(steady, 95),
+            "p50": 1e3 * percentile(steady, 50),
+            "p95": 1e3 * percentile(steady, 95),
             "max": 1e3 * max(steady),
             "events": len(steady),
         },

@@ -43,12 +43,13 @@ from safetensors.torch import save as st_save
 from sqlalchemy import func, insert, select
 
 from aggregator.sketch import sketch_state_dict, to_bytes
+from aggregator.task_vectors import norm
 from schema.events import UpdateStored
 from schema.models import Client, PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import processes
 from services.bench_latency import local_stack, percentile
-from services.bench_scale_service import SHAPES, _Vectors
+from services.bench_scale_service import SHAPES, PlantedVectors
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.object_store import ObjectStore
@@ -171,11 +172,9 @@ class _Progress:
     done: bool = False
 
 
-def _norm(tau: dict[str, torch.Tensor]) -> float:
-    return float(sum(float((v.double() ** 2).sum()) for v in tau.values()) ** 0.5)
-
-
-def _enroll(s: Settings, plan: SoakPlan, store: ObjectStore, vectors: _Vectors) -> _Population:
+def _enroll(
+    s: Settings, plan: SoakPlan, store: ObjectStore, vectors: PlantedVectors
+) -> _Population:
     """N clients with secrets and one accepted, signed update each (own τ object and
     sketch), bulk-inserted: the population the aggregator starts with."""
     run = uuid.uuid4().hex[:8]
@@ -219,7 +218,7 @@ def _enroll(s: Settings, plan: SoakPlan, store: ObjectStore, vectors: _Vectors) 
                 adapter_sha256=sha,
                 task_vector_key=akey,
                 task_vector_sha256=sha,
-                task_vector_norm=_norm(tau),
+                task_vector_norm=norm(tau),
                 sketch=to_bytes(sketch_state_dict(tau, s.sketch_dim, s.sketch_seed)),
                 signature=sign(keys[cid], cid, uid, sha, sha),
                 num_examples=32,
@@ -280,7 +279,7 @@ def _store_update(
                 adapter_sha256=adapter_sha,
                 task_vector_key=tkey,
                 task_vector_sha256=tv_sha,
-                task_vector_norm=_norm(tau),
+                task_vector_norm=norm(tau),
                 sketch=sketch,
                 signature=sign(key, cid, uid, adapter_sha, tv_sha),
                 num_examples=32,
@@ -297,7 +296,7 @@ def _producer(
     s: Settings,
     plan: SoakPlan,
     pop: _Population,
-    vectors: _Vectors,
+    vectors: PlantedVectors,
     progress: _Progress,
     t0: float,
     total: int,
@@ -404,7 +403,7 @@ class _Watch:
 
 
 def _probe(
-    s: Settings, plan: SoakPlan, pop: _Population, vectors: _Vectors, watch: _Watch
+    s: Settings, plan: SoakPlan, pop: _Population, vectors: PlantedVectors, watch: _Watch
 ) -> tuple[_Progress, float]:
     """One update, handled before the clock starts: the aggregator's index is built from
     the N seeded sketches and its Celery consumer is taking events. Returns (its progress,
@@ -430,7 +429,7 @@ def _send_at_rate(
     s: Settings,
     plan: SoakPlan,
     pop: _Population,
-    vectors: _Vectors,
+    vectors: PlantedVectors,
     watch: _Watch,
     already: int,
     show: bool,
@@ -516,7 +515,7 @@ def run_soak(
         store = object_store(s)
         zeros = {k: torch.zeros(v) for k, v in SHAPES.items()}
         ads.put_state(store, ads.INITIAL_ADAPTER_KEY, zeros)
-        vectors = _Vectors(plan.clients, plan.seed)
+        vectors = PlantedVectors(plan.clients, plan.seed)
         t = time.monotonic()
         pop = _enroll(s, plan, store, vectors)
         setup_s = time.monotonic() - t

@@ -340,3 +340,12 @@ def test_smoothed_similarity_remembers_and_keeps_unchanged_pairs():
     assert torch.equal(smoothed_similarity(now, prev, unchanged, 0.0)[0, 1:2], now[0, 1:2])
     with pytest.raises(ValueError):
         smoothed_similarity(now, prev, unchanged, 1.0)
+
+
+def test_state_dict_norm_is_the_norm_of_the_flattened_vector():
+    from aggregator.task_vectors import flatten, norm
+
+    g = torch.Generator().manual_seed(3)
+    sd = {"b": torch.randn(3, 4, generator=g), "a": torch.randn(5, generator=g)}
+    assert norm(sd) == pytest.approx(float(flatten(sd).double().norm()), rel=1e-9)
+    assert norm({}) == 0.0

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from aggregator.sketch import sketch_state_dict
 from aggregator.sketch import to_bytes as sketch_bytes
-from aggregator.task_vectors import StateDict, task_vector
+from aggregator.task_vectors import StateDict, norm, task_vector
 from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, UpdateStored
 from schema.models import Client, Evaluation, PersonalizedAdapter, Update
 from services import adapter_store as ads
@@ -142,7 +142,7 @@ def run_training(
         result = runtime.train(start, examples, seed=seed, progress=progress)
         record_training(result)
         tau = task_vector(result.adapter, start)
-        norm = float(sum(float((v.double() ** 2).sum()) for v in tau.values()) ** 0.5)
+        tau_norm = norm(tau)
         # the sketch is made here, where τ already is (on the GPU when training ran there)
         sk = (
             sketch_bytes(sketch_state_dict(tau, settings.sketch_dim, settings.sketch_seed))
@@ -164,7 +164,7 @@ def run_training(
             adapter_sha256=adapter_sha,
             task_vector_key=tv_key,
             task_vector_sha256=tv_sha,
-            task_vector_norm=norm,
+            task_vector_norm=tau_norm,
             sketch=sk,
             signature=signature,
             num_examples=len(examples),
@@ -194,7 +194,7 @@ def run_training(
         result.steps,
         result.duration_s,
         result.loss,
-        norm,
+        tau_norm,
     )
     publish(UpdateStored(update_uid=uid, client_id=req.client_id, round_id=req.round_id))
     return {"update_uid": uid, "status": "stored", "steps": result.steps, "loss": result.loss}
