@@ -70,7 +70,8 @@ class Update(Base):
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), index=True)
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), nullable=True)
     base_version: Mapped[int] = mapped_column(Integer)  # θ̄ version it started from
-    # stored -> aggregated | rejected | quarantined (a likely poisoned update, kept apart);
+    # stored -> aggregated | rejected | quarantined (a likely poisoned update, kept apart)
+    # | superseded (a newer update of the client was aggregated first; never aggregated);
     # failed: the worker gave up (no objects referenced)
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)

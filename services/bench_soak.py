@@ -11,11 +11,11 @@ must end `rejected`: a NaN in τ, a truncated τ file, or a signature made with 
 client's key.
 
 At the end it waits (bounded) for the queue to drain, then counts every sent update by its
-final status: lost = sent − (aggregated + rejected + quarantined + failed), which must be
-0. The aggregator's RSS (/proc/<pid>/status VmRSS) is sampled every second; the baseline
-is taken after a warm-up (the first max(10 s, 10 %) of the run: the index is built, the
-connection pools and allocator arenas filled), and memory is flat when the RSS at the end
-is less than FLAT_GROWTH (10 %) above that baseline.
+final status: lost = sent − (aggregated + superseded + rejected + quarantined + failed),
+which must be 0. The aggregator's RSS (/proc/<pid>/status VmRSS) is sampled every second;
+the baseline is taken after a warm-up (the first max(10 s, 10 %) of the run: the index is
+built, the connection pools and allocator arenas filled), and memory is flat when the RSS
+at the end is less than FLAT_GROWTH (10 %) above that baseline.
 
 Where the stack comes from: as `fedvec bench latency` (services/bench_latency.py).
 """
@@ -58,7 +58,7 @@ from services.signing import new_secret, sign, signing_key
 
 Echo = Callable[[str], None]
 
-FINAL = ("aggregated", "rejected", "quarantined", "failed")
+FINAL = ("aggregated", "superseded", "rejected", "quarantined", "failed")
 BAD_KINDS = ("nan", "corrupt", "forged")
 FLAT_GROWTH = 0.10  # RSS growth after warm-up, as a fraction of the baseline, still "flat"
 _INSERT_BATCH = 500
@@ -626,6 +626,7 @@ def _summarize(
         "aggregated": counts.get("aggregated", 0),
         "rejected": counts.get("rejected", 0),
         "quarantined": counts.get("quarantined", 0),
+        "superseded": counts.get("superseded", 0),
         "failed": counts.get("failed", 0),
         "pending": counts.get("stored", 0),
         "lost": sent - final,
@@ -670,6 +671,7 @@ def _print(r: dict[str, Any], echo: Echo) -> None:
         f"  aggregated    {r['aggregated']}\n"
         f"  rejected      {r['rejected']}  (planted bad ones rejected: {bad or 'none planted'})\n"
         f"  quarantined   {r['quarantined']}\n"
+        f"  superseded    {r['superseded']}  (a newer update of the client aggregated first)\n"
         f"  failed        {r['failed']}\n"
         f"  still pending {r['pending']}\n"
         f"  lost          {r['lost']}  (sent − every final status; must be 0)\n"

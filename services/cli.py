@@ -9,15 +9,18 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from services import operations as ops
 from services.settings import Settings, load_settings
 from services.tables import table as _table
+
+T = TypeVar("T")
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -38,6 +41,23 @@ def _check_db(settings: Settings) -> None:
     from services.db import check_schema
 
     check_schema(settings.resolved_database_url)
+
+
+def _when_reachable(settings: Settings, start: Callable[[], T], what: str) -> T:
+    """A long-running service's start-up step, retried while the database or the object
+    store is unreachable (FEDVEC_STARTUP_TIMEOUT), instead of exiting at once."""
+    from services.transient import wait_until_reachable
+
+    try:
+        return wait_until_reachable(
+            start,
+            what,
+            timeout=settings.startup_timeout,
+            backoff_max=min(settings.retry_backoff_max, 10.0),
+            log=logging.getLogger("fedvec.startup"),
+        )
+    except TimeoutError as exc:
+        raise ops.OperationError(str(exc)) from None
 
 
 class FedvecGroup(click.Group):
@@ -290,7 +310,7 @@ def evaluate(
 
 
 # --- inspection ------------------------------------------------------------------------
-UPDATE_STATUSES = ("stored", "aggregated", "rejected", "quarantined", "failed")
+UPDATE_STATUSES = ("stored", "aggregated", "superseded", "rejected", "quarantined", "failed")
 log = logging.getLogger("fedvec.cli")
 
 
@@ -608,7 +628,8 @@ def worker(ctx: click.Context, site: str | None, device: str | None, loglevel: s
 
     A worker serves either the shared pool or one site: a client enrolled with
     `--site SITE` is only ever trained by `fedvec worker --site SITE`, so its data never
-    leaves that site's machines."""
+    leaves that site's machines. At start-up it waits for the database (up to
+    FEDVEC_STARTUP_TIMEOUT)."""
     from services.metrics import serve
     from workers.celery_app import app, train_queue, worker_argv
 
@@ -617,7 +638,7 @@ def worker(ctx: click.Context, site: str | None, device: str | None, loglevel: s
         settings = settings.replace(site=site)
     if device is not None:
         settings = settings.replace(device=device)
-    _check_db(settings)
+    _when_reachable(settings, lambda: _check_db(settings), "the database")
     app.fedvec_settings = settings  # type: ignore[attr-defined]
     serve(settings.metrics_port)
     queue = train_queue(settings.site)
@@ -629,15 +650,27 @@ def worker(ctx: click.Context, site: str | None, device: str | None, loglevel: s
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.pass_context
 def aggregator(ctx: click.Context, loglevel: str) -> None:
-    """Run the aggregator (the one consumer of update events)."""
+    """Run the aggregator (the one consumer of update events).
+
+    At start-up it waits for the database and the object store (up to
+    FEDVEC_STARTUP_TIMEOUT), aggregates what a crash or a lost event left stored, then
+    consumes events; every FEDVEC_RECOVER_INTERVAL it picks up updates whose event never
+    came."""
     from aggregator.tasks import get_aggregator
     from services.metrics import serve
     from workers.celery_app import AGGREGATE_QUEUE, app, worker_argv
 
     settings = _settings(ctx)
-    _check_db(settings)
+    if settings.torch_threads > 0:  # the math's threads; the rest of the machine is the DB's
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    _when_reachable(settings, lambda: _check_db(settings), "the database")
     serve(settings.metrics_port)
-    get_aggregator().recover()
+    # start-up recovery reads both; it is idempotent, so a retry after a partial pass is safe
+    _when_reachable(
+        settings, lambda: get_aggregator().recover(), "the database or the object store"
+    )
     if settings.recover_interval > 0:
         threading.Thread(
             target=_recover_forever,

@@ -112,6 +112,7 @@ EVENT_OUTCOMES = (
     "round-aggregated",
     "rejected",
     "quarantined",
+    "superseded",
     "failed",
 )
 TASK_NAMES = ("train", "evaluate", "aggregate")

@@ -45,6 +45,9 @@ class Settings:
     # came: lost with the broker, or its task ran out of retries; 0: only at start-up
     recover_interval: float = 60.0
     retry_backoff_max: float = 120.0  # seconds; retry delays double from 1 s up to this
+    # `fedvec worker` / `aggregator` wait this long at start-up for the database and the
+    # object store to be reachable (retrying with backoff) before they give up
+    startup_timeout: float = 300.0
 
     model_path: str = field(default_factory=_default_model_path)
     model_kind: str = "encoder"  # "encoder" (option scoring head) or "causal-lm"

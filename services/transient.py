@@ -3,11 +3,17 @@ unreachable or busy, as opposed to bad input, which fails the same way every tim
 
 from __future__ import annotations
 
+import logging
 import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from sqlalchemy import exc as sa_exc
 
 from services.object_store import TransientStoreError
+
+T = TypeVar("T")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -27,3 +33,49 @@ def backoff_seconds(retries: int, maximum: float, rng: random.Random | None = No
     from [half, full] so that workers that failed together do not retry together."""
     full = min(float(maximum), 2.0 ** max(retries, 0))
     return (rng or random).uniform(full / 2, full)
+
+
+def wait_until_reachable(
+    start: Callable[[], T],
+    what: str,
+    *,
+    timeout: float,
+    backoff_max: float,
+    log: logging.Logger,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """`start()`, retried with backoff while it fails transiently, for up to `timeout`
+    seconds: at start-up the database or the object store may not be up yet (containers
+    started together, a database restarting), and a service should wait for them rather
+    than exit. Other errors (a schema not migrated, a bad URL) fail at once; when the time
+    is up, TimeoutError says what stayed unreachable and why (a wrong password looks like
+    an unreachable server, so it ends here too)."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        try:
+            return start()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            delay = backoff_seconds(attempt, backoff_max)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{what} still unreachable after {timeout:.0f}s "
+                    f"(FEDVEC_STARTUP_TIMEOUT): {_first_line(exc)}"
+                ) from exc
+            attempt += 1
+            log.warning(
+                "%s unreachable (attempt %d), retry in %.1fs: %s",
+                what,
+                attempt,
+                min(delay, left),
+                _first_line(exc),
+            )
+            sleep(min(delay, left))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

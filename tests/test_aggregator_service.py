@@ -626,3 +626,39 @@ def test_an_unusable_update_still_queued_does_not_fail_other_clients_events(harn
     assert agg.handle(harness.update(b, direction(3), None).to_dict()) == "aggregated"
     assert harness.status(queued.update_uid) == "rejected"
     assert agg.handle(queued.to_dict()) == "already-rejected"
+
+
+def test_an_update_overtaken_by_a_newer_one_is_superseded_not_re_handled(harness):
+    """Two updates of one client, both stored before either event is handled: the newer
+    event's aggregate takes the newer update, and the older one becomes `superseded` in
+    the same transaction (aggregating it later would step the client back). Its own event
+    then finds it done, and recovery passes leave it alone instead of handling it again."""
+    a, b = harness.client("a"), harness.client("b")
+    assert harness.agg.handle(harness.update(b, direction(1), None).to_dict()) == "aggregated"
+    older = harness.update(a, direction(2), None)
+    newer = harness.update(a, direction(3), None)
+    assert harness.agg.handle(newer.to_dict()) == "aggregated"
+    assert harness.status(older.update_uid) == "superseded"
+    with session_scope(harness.db) as s:
+        reason = s.scalars(select(Update.reason).where(Update.uid == older.update_uid)).one()
+    assert newer.update_uid in reason
+    assert harness.agg.handle(older.to_dict()) == "already-superseded"
+    versions_before = harness.count(PersonalizedAdapter)
+    harness.agg.recover()
+    assert harness.count(PersonalizedAdapter) == versions_before
+
+
+def test_a_stored_update_older_than_the_clients_aggregated_one_is_superseded_on_handling(
+    harness,
+):
+    """A row left `stored` behind a newer aggregated update (by a version before
+    `superseded` existed, or a status edited by hand) is superseded when it is handled,
+    not aggregated over its newer sibling."""
+    a = harness.client("a")
+    older = harness.update(a, direction(1), None)
+    newer = harness.update(a, direction(2), None)
+    with session_scope(harness.db) as s:  # as an earlier version left it
+        s.scalars(select(Update).where(Update.uid == newer.update_uid)).one().status = "aggregated"
+    assert harness.agg.handle(older.to_dict()) == "superseded"
+    assert harness.status(older.update_uid) == "superseded"
+    assert harness.count(PersonalizedAdapter) == 0

@@ -16,7 +16,11 @@ the worker run as `fedvec aggregator` / `fedvec worker` child processes.
   aggregated exactly once;
 - the object store unreachable for good: a train task past its retries is a failed update
   that `fedvec status` shows; an aggregate task past its retries leaves its update
-  `stored` until the periodic recovery pass aggregates it once S3 is back.
+  `stored` until the periodic recovery pass aggregates it once S3 is back;
+- a worker SIGKILLed mid-upload, its update's adapter written and its task vector not: no
+  row references the half-written update, `fedvec gc` lists the adapter object once past
+  the grace period (a dry run by default) and deletes it with --delete; the redelivered
+  task completes once.
 
 Crash points and gates are set by a small wrapper script (written into the test's folder)
 that patches the service in the child process and then runs the normal `fedvec` entry
@@ -117,6 +121,21 @@ elif mode == "publish-gate":
         publish(message)
 
     tasks.publish_event = gated
+elif mode == "mid-upload":
+    # the worker (solo pool: the task runs in this process) dies with its whole process
+    # group once an update's adapter object is written, before its task vector is
+    from services import adapter_store
+
+    put_state = adapter_store.put_state  # workers.tasks calls it as ads.put_state
+
+    def dying(store, key, state, **metadata):
+        digest = put_state(store, key, state, **metadata)
+        if "/updates/" in key and key.endswith("/adapter.safetensors"):
+            print(f"FAULT: SIGKILL after writing {key}", flush=True)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return digest
+
+    adapter_store.put_state = dying
 else:
     raise SystemExit(f"unknown mode {mode}")
 
@@ -622,9 +641,7 @@ def s3_outage(tmp_path_factory) -> Iterator[S3Outage]:
         unavailable("S3 test server", exc)
     stops = [stop_s3]
     try:
-        dep, teardown = make_deployment(
-            home, endpoint, task_max_retries=1, recover_interval=2
-        )
+        dep, teardown = make_deployment(home, endpoint, task_max_retries=1, recover_interval=2)
         try:
             yield _run_s3_outage(dep, endpoint, stops)
         finally:
@@ -711,3 +728,72 @@ def test_aggregate_task_past_its_retries_is_not_left_silently_stored(s3_outage):
     aggregated when S3 is back, without restarting the aggregator."""
     o = s3_outage
     assert o.h_after_s3_back == "aggregated" or (o.h_after_s3_back == "failed" and o.h_reason)
+
+
+# --- 5. a worker killed mid-upload ----------------------------------------------------------
+def gc_json(settings: Settings, *args: str) -> dict[str, Any]:
+    """`fedvec gc --json <args>`"""
+    result = CliRunner().invoke(cli, ["gc", *args, "--json"], env=settings_env(settings))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_worker_killed_mid_upload_leaves_an_orphan_gc_collects(deployment):
+    """The worker is SIGKILLed (its whole process group, so nothing acknowledges the task)
+    after writing an update's adapter object and before writing its task vector. No row
+    references the half-written update; the adapter object is its only leftover. `fedvec
+    gc` keeps it while it is younger than the grace period (it may be an upload in flight),
+    lists it with `--older-than 0` without deleting it (a dry run), and deletes it with
+    `--delete`. A normal worker then gets the task redelivered and completes it once: one
+    update, aggregated, both its objects stored with the row's sha256, nothing orphaned."""
+    dep = deployment
+    dep.settings = s = dep.settings.replace(broker_visibility_timeout=VISIBILITY_S)
+    demo = build_demo_clients(dep.home / "data", train_per_client=8, test_per_client=2)
+    ops.enroll(s, "A", demo[0].train_path, task=demo[0].task)
+    (client,) = ops.resolve_clients(s, ["A"])
+    dep.start("aggregator", "aggregator")
+    victim = dep.start_wrapped("worker", "worker-victim", "mid-upload", "")
+    dep.wait_ready("aggregator")
+    req = TrainRequest(client_id=client.id)
+    ops.send_train(make_app(s).send_task, req, site=client.site)
+    try:
+        victim.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker was not killed:\n{dep.log('worker-victim')[-3000:]}")
+    assert victim.returncode == -signal.SIGKILL
+    adapter_key, tv_key = ads.update_keys(client.id, req.request_id)
+    assert f"FAULT: SIGKILL after writing {adapter_key}" in dep.log("worker-victim")
+
+    # what the crash left: no row, the adapter object alone
+    assert statuses(dep.db) == {}
+    store = object_store(s)
+    assert store.list(f"clients/{client.id}/") == [adapter_key]
+    assert not store.exists(tv_key)
+    young = gc_json(s)  # the default grace period (1h): possibly an upload in flight
+    assert young["older_than_s"] == 3600 and young["dry_run"]
+    assert (young["scanned"], young["referenced"], young["fresh"]) == (1, 0, 1)
+    assert young["orphans"] == [] and young["deleted"] == 0
+    dry = gc_json(s, "--older-than", "0")
+    assert dry["dry_run"] and dry["deleted"] == 0
+    assert [o["key"] for o in dry["orphans"]] == [adapter_key]
+    assert store.exists(adapter_key)
+    done = gc_json(s, "--older-than", "0", "--delete")
+    assert not done["dry_run"] and [o["key"] for o in done["orphans"]] == [adapter_key]
+    assert done["deleted"] == 1 and done["deleted_bytes"] == dry["orphans"][0]["size"] > 0
+    assert done["kept"] == [] and done["failed"] == []
+    assert store.list(f"clients/{client.id}/") == []
+
+    # the unacknowledged task is redelivered to a normal worker and completes once
+    dep.start("worker", "worker-rescuer")
+    dep.wait("the redelivered task aggregated", lambda: statuses(dep.db) == {"aggregated": 1}, 120)
+    with session_scope(dep.db) as ses:
+        (update,) = ses.scalars(select(Update)).all()
+    assert update.uid == req.request_id
+    assert (update.adapter_key, update.task_vector_key) == (adapter_key, tv_key)
+    assert ads.sha256(store.get(adapter_key)) == update.adapter_sha256
+    assert ads.sha256(store.get(tv_key)) == update.task_vector_sha256
+    assert versions(dep.db) == {client.id: [1]}
+    assert_each_update_aggregated_once(dep)
+    assert sorted(store.list(f"clients/{client.id}/updates/")) == sorted([adapter_key, tv_key])
+    assert gc_orphans(s) == []
+    assert "Traceback" not in dep.log("worker-rescuer")
