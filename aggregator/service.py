@@ -102,9 +102,11 @@ class Aggregator:
             staleness_exponent=settings.staleness_exponent,
         )
         self._expected: dict[str, tuple[int, ...]] | None = None
-        # update id -> (τ, θ): task vectors are immutable, so caching them is safe. Bounded
-        # in bytes: at 7B-model adapter sizes a few hundred pairs are already gigabytes.
-        self._cache: OrderedDict[int, tuple[StateDict, StateDict]] = OrderedDict()
+        # update id -> (client id, τ, θ): task vectors are immutable, so caching them is
+        # safe. One update per client, and bounded in bytes: at 7B-model adapter sizes a
+        # few hundred pairs are already gigabytes.
+        self._cache: OrderedDict[int, tuple[int, StateDict, StateDict]] = OrderedDict()
+        self._cached_of: dict[int, int] = {}  # client id -> the update id cached for it
         self._cache_bytes = 0
         self._cache_limit = CACHE_BYTES
         # aggregate_peers > 0: sketches of every client's latest update, built from the
@@ -210,7 +212,8 @@ class Aggregator:
         """τ and θ of an update, read and checked; RejectedUpdate if unusable."""
         if update.id in self._cache:
             self._cache.move_to_end(update.id)
-            return self._cache[update.id]
+            _, tau, theta = self._cache[update.id]
+            return tau, theta
         self._check_signature(update)  # before any of its bytes are read
         limit = self.settings.max_adapter_bytes
         try:
@@ -236,12 +239,33 @@ class Aggregator:
         except InvalidTaskVector as exc:
             label = "non_finite" if ("NaN" in str(exc) or "Inf" in str(exc)) else "invalid_tensor"
             raise RejectedUpdate(str(exc), label) from None
-        self._cache[update.id] = (tau, theta)
-        self._cache_bytes += _nbytes(tau) + _nbytes(theta)
-        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-            _, (old_tau, old_theta) = self._cache.popitem(last=False)
-            self._cache_bytes -= _nbytes(old_tau) + _nbytes(old_theta)
+        self._remember(update, (tau, theta))
         return tau, theta
+
+    def _remember(self, update: Update, pair: tuple[StateDict, StateDict]) -> None:
+        """Cache an update's (τ, θ), one update per client: aggregates read each client's
+        latest accepted update, so a client's older one is dropped when a newer one is
+        loaded (and an older one loaded after it is not kept). Otherwise a long-running
+        aggregator's cache grows with every update until it reaches its byte limit."""
+        held = self._cached_of.get(update.client_id)
+        if held is not None and held > update.id:
+            return
+        if held is not None:
+            self._forget(held)
+        self._cache[update.id] = (update.client_id, *pair)
+        self._cached_of[update.client_id] = update.id
+        self._cache_bytes += _nbytes(pair[0]) + _nbytes(pair[1])
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            self._forget(next(iter(self._cache)))
+
+    def _forget(self, update_id: int) -> None:
+        entry = self._cache.pop(update_id, None)
+        if entry is None:
+            return
+        client_id, tau, theta = entry
+        self._cache_bytes -= _nbytes(tau) + _nbytes(theta)
+        if self._cached_of.get(client_id) == update_id:
+            del self._cached_of[client_id]
 
     def _check_signature(self, update: Update) -> None:
         """The worker signed the row with the client's secret (services/signing.py); the
@@ -454,9 +478,7 @@ class Aggregator:
                 row.reason = f"{found.reason}: {found.message}"[:2000]
         metrics.UPDATES_QUARANTINED.labels(reason=found.reason).inc()
         self._screened.discard(update.id)
-        cached = self._cache.pop(update.id, None)  # never read again
-        if cached is not None:
-            self._cache_bytes -= _nbytes(cached[0]) + _nbytes(cached[1])
+        self._forget(update.id)  # never read again
 
     # --- rounds -----------------------------------------------------------------------
     def _round_complete(self, round_id: int) -> bool:

@@ -662,3 +662,25 @@ def test_a_stored_update_older_than_the_clients_aggregated_one_is_superseded_on_
     assert harness.agg.handle(older.to_dict()) == "superseded"
     assert harness.status(older.update_uid) == "superseded"
     assert harness.count(PersonalizedAdapter) == 0
+
+
+def test_the_vector_cache_keeps_one_update_per_client(harness):
+    """Aggregates read each client's latest update, so the aggregator keeps only that one
+    in memory: a long-running aggregator's cache grows with the clients, not the updates."""
+    agg = harness.agg
+    clients = [harness.client(f"c{i}") for i in range(3)]
+    for step in range(4):
+        for c in clients:
+            assert agg.handle(harness.update(c, direction(10 * c + step), None).to_dict()) == (
+                "aggregated"
+            )
+    with session_scope(harness.db) as s:
+        latest = {
+            c: s.scalar(select(func.max(Update.id)).where(Update.client_id == c)) for c in clients
+        }
+    assert sorted(agg._cache) == sorted(latest.values())
+    assert agg._cached_of == latest
+    assert agg._cache_bytes == sum(
+        sum(t.numel() * t.element_size() for t in (*tau.values(), *theta.values()))
+        for _, tau, theta in agg._cache.values()
+    )
