@@ -479,6 +479,11 @@ class Aggregator:
         metrics.UPDATES_QUARANTINED.labels(reason=found.reason).inc()
         self._screened.discard(update.id)
         self._forget(update.id)  # never read again
+        if self._index is not None and self._indexed.get(update.client_id) == update.id:
+            # out of the sketch index now; the client's previous accepted update (if any)
+            # is put back at the next event
+            self._index.remove(update.client_id)
+            del self._indexed[update.client_id]
 
     # --- rounds -----------------------------------------------------------------------
     def _round_complete(self, round_id: int) -> bool:

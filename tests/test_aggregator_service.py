@@ -524,6 +524,9 @@ def test_screening_with_aggregate_peers_reads_only_candidates(harness):
     e_flipped = send_sketched(flipped, {k: -v for k, v in victim.items()})
     assert agg.handle(e_scaled.to_dict()) == "quarantined"
     assert agg.handle(e_flipped.to_dict()) == "quarantined"
+    # out of the sketch index at once: no later event takes them as someone's peer
+    assert scaled not in agg._index and flipped not in agg._index
+    assert scaled not in agg._indexed and flipped not in agg._indexed
     with session_scope(harness.db) as s:
         reasons = {
             u.client_id: u.reason.split(":")[0]
