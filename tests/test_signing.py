@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
+from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import select, text
 
 from schema.events import TrainRequest
@@ -131,9 +132,13 @@ def test_a_worker_signs_with_the_secret_the_aggregator_verifies(enrolled, caplog
             u.task_vector_sha256,
         )
     assert len(events) == 1
-    # the secret and its key appear in no log line of enrollment and training
+    # the secret and its key appear in no log line of enrollment and training, nor in any
+    # metric (names, labels, values) this process exposes
     assert caplog.text and a["secret"] not in caplog.text
     assert signing_key(a["secret"]) not in caplog.text
+    exposed = generate_latest(REGISTRY).decode()
+    assert "fedvec_" in exposed
+    assert a["secret"] not in exposed and signing_key(a["secret"]) not in exposed
 
 
 def test_s3_enrollment_writes_a_policy_for_the_clients_own_prefix(enrolled, tmp_path):
