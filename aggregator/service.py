@@ -234,8 +234,9 @@ class Aggregator:
         except ObjectNotFound as exc:
             raise RejectedUpdate(f"object missing: {exc}", "missing_object") from None
         try:
-            check_state_dict(tau, self.expected_shapes())
-            check_state_dict(theta, self.expected_shapes())
+            # workers store adapters and task vectors as float32 (services/adapter_store.py)
+            check_state_dict(tau, self.expected_shapes(), torch.float32)
+            check_state_dict(theta, self.expected_shapes(), torch.float32)
         except InvalidTaskVector as exc:
             label = "non_finite" if ("NaN" in str(exc) or "Inf" in str(exc)) else "invalid_tensor"
             raise RejectedUpdate(str(exc), label) from None

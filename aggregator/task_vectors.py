@@ -58,11 +58,16 @@ def _listed(keys: Iterable[str]) -> str:
 
 
 def check_state_dict(
-    sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
+    sd: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Raise InvalidTaskVector unless sd has exactly the expected keys/shapes, float, finite.
+    """Raise InvalidTaskVector unless sd has exactly the expected keys/shapes, float (of
+    exactly `dtype` when given), finite.
 
     All problems are collected into one message so a client sees everything wrong at once.
+    `dtype` matters for received files: a float64 value beyond float32's range is finite
+    where it is checked and Inf once the math casts it to float32.
     """
     problems: list[str] = []
     missing = set(expected) - set(sd)
@@ -82,6 +87,9 @@ def check_state_dict(
             problems.append(f"key {key!r}: expected shape {want}, got {got}")
         if not value.is_floating_point():
             problems.append(f"key {key!r}: expected a floating dtype, got {value.dtype}")
+            continue
+        if dtype is not None and value.dtype != dtype:
+            problems.append(f"key {key!r}: expected dtype {dtype}, got {value.dtype}")
             continue
         n_nan = int(torch.isnan(value).sum())
         n_inf = int(torch.isinf(value).sum())
