@@ -62,6 +62,7 @@ from services.db import as_utc, exclusive, session_scope
 from services.object_store import ObjectNotFound
 from services.settings import Settings
 from services.signing import verify
+from services.transient import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -843,7 +844,19 @@ class Aggregator:
                     self.aggregate(self._round_targets(round_id), round_id=round_id)
         for update in pending:  # handle() takes the lock itself
             log.info("recovering client=%s update=%s", update.client_id, update.uid)
-            self.handle(UpdateStored(update.uid, update.client_id, None).to_dict())
+            try:
+                self.handle(UpdateStored(update.uid, update.client_id, None).to_dict())
+            except Exception as exc:
+                if is_transient(exc):
+                    raise  # the database or the store is away: the whole pass waits
+                # one update that cannot be handled must not hold up the ones after it;
+                # it stays `stored` and is tried again at the next pass
+                log.exception(
+                    "client=%s update=%s could not be recovered: %s",
+                    update.client_id,
+                    update.uid,
+                    exc,
+                )
 
     def _store_groups(
         self, s: Session, ids: list[int], labels: list[int], round_id: int | None

@@ -4,6 +4,7 @@ row, then the event."""
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 
@@ -687,3 +688,28 @@ def test_the_vector_cache_keeps_one_update_per_client(harness):
         sum(t.numel() * t.element_size() for t in (*tau.values(), *theta.values()))
         for _, tau, theta in agg._cache.values()
     )
+
+
+def test_an_update_that_cannot_be_handled_does_not_hold_up_recovery(harness, monkeypatch, caplog):
+    """Recovery handles stored updates one by one: one whose handling fails for a
+    non-transient reason is logged with its ids and stays `stored` for the next pass; the
+    updates after it are still aggregated."""
+    a, b = harness.client("a"), harness.client("b")
+    stuck = harness.update(a, direction(1), None)
+    fine = harness.update(b, direction(2), None)
+    original = Aggregator.aggregate
+
+    def failing(self, targets, **kwargs):
+        if a in targets:
+            raise ValueError("cannot aggregate this one")
+        return original(self, targets, **kwargs)
+
+    monkeypatch.setattr(Aggregator, "aggregate", failing)
+    with caplog.at_level(logging.ERROR):
+        harness.agg.recover()
+    assert harness.status(stuck.update_uid) == "stored"
+    assert harness.status(fine.update_uid) == "aggregated"
+    assert f"client={a} update={stuck.update_uid} could not be recovered" in caplog.text
+    monkeypatch.setattr(Aggregator, "aggregate", original)
+    harness.agg.recover()  # the next pass
+    assert harness.status(stuck.update_uid) == "aggregated"
