@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo demo-flan8 test lint clean bench-latency bench-quality bench-quality-quick \
 	bench-scale bench-scale-quick bench-worker bench-worker-quick bench-peer bench-peer-quick \
-	bench-soak bench-soak-quick monitoring-tools
+	bench-soak bench-soak-quick bench-poison bench-poison-quick monitoring-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ bench-soak: install
 
 bench-soak-quick: install
 	$(BIN)/fedvec bench soak --quick
+
+# 10 honest demo clients + 1 poisoned (an honest τ x50, or sign-flipped) on the real model:
+# honest accuracy with screening on / off against the honest clients alone; quick is CI's
+bench-poison: install
+	$(BIN)/fedvec bench poison --out .fedvec/bench/poison
+
+bench-poison-quick: install
+	$(BIN)/fedvec bench poison --quick --out .fedvec/bench/poison-quick
 
 lint: install
 	$(BIN)/ruff check .

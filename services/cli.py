@@ -1065,9 +1065,9 @@ def bench_soak(
 ) -> None:
     """Clients with small synthetic task vectors push signed updates through Redis +
     PostgreSQL + S3 to a real aggregator process at a fixed rate (2 % planted bad ones);
-    prints updates in, aggregated, rejected, quarantined, failed, pending and lost, latency,
-    throughput, and the aggregator's memory after warm-up and at the end. Exits 1 when an
-    update was lost or a planted bad one was not rejected.
+    prints updates in, aggregated, superseded, rejected, quarantined, failed, pending and
+    lost, latency, throughput, and the aggregator's memory after warm-up and at the end.
+    Exits 1 when an update was lost or a planted bad one was not rejected.
 
     Uses FEDVEC_DATABASE_URL, FEDVEC_BROKER_URL and FEDVEC_S3_* when set; otherwise a
     fresh database on the local PostgreSQL, the local Redis and moto's S3 server."""
@@ -1092,6 +1092,71 @@ def bench_soak(
         _echo_json(result)
     if result["lost"] or not result["planted_bad_rejected"]:
         sys.exit(1)
+
+
+@bench.command("poison")
+@click.option("--quick", is_flag=True, help="4 honest clients, 1 round of 1 step: about 1 min")
+@click.option("--honest", type=int, default=None, help="honest clients (default 10; quick 4)")
+@click.option("--rounds", type=int, default=None, help="synchronous rounds (default 2; quick 1)")
+@click.option("--train-per-client", type=int, default=None, help="default 32; quick 8")
+@click.option("--test-per-client", type=int, default=None, help="default 32; quick 8")
+@click.option("--strategies", default=None, help="comma-separated (default fedbip)")
+@click.option("--attacks", default=None, help="comma-separated: scaled, flipped (default both)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out", "out_dir", default=None, help="folder for the runs (default: FEDVEC_HOME/bench/poison)"
+)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.pass_context
+def bench_poison(
+    ctx: click.Context,
+    quick: bool,
+    honest: int | None,
+    rounds: int | None,
+    train_per_client: int | None,
+    test_per_client: int | None,
+    strategies: str | None,
+    attacks: str | None,
+    seed: int,
+    out_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Honest clients' personalized accuracy with a poisoned client among them (an honest
+    client's τ ×50, or sign-flipped), screening on and off, against the honest clients
+    alone: real model, demo data, the worker's training and evaluation and the aggregator
+    on the embedded backend; prints whether the honest adapters stay bit-identical with
+    screening on. 5-10 minutes on 2 CPU cores per strategy; --quick under a minute."""
+    import dataclasses
+
+    from services.bench_poison import QUICK, PoisonPlan, run_poison_bench
+
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+    given = {
+        "honest": honest,
+        "rounds": rounds,
+        "train_per_client": train_per_client,
+        "test_per_client": test_per_client,
+        "strategies": names(strategies),
+        "attacks": names(attacks),
+    }
+    plan = dataclasses.replace(
+        QUICK if quick else PoisonPlan(),
+        seed=seed,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    settings = _settings(ctx)
+    out = Path(out_dir) if out_dir else settings.home_path / "bench" / "poison"
+    result = run_poison_bench(
+        settings,
+        plan,
+        out.resolve(),
+        echo=(lambda _m: None) if as_json else click.echo,
+        show=not as_json,
+    )
+    if as_json:
+        _echo_json(result)
 
 
 # --- maintenance -----------------------------------------------------------------------
