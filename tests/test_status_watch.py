@@ -50,7 +50,7 @@ def test_watch_prints_count_frames_with_header_and_summary(enrolled):
         lines = frame.splitlines()
         assert lines[0].startswith("fedvec status  ") and f"frame {n}/2" in lines[0]
         assert lines[1].startswith(
-            "updates: stored 0, aggregated 0, rejected 0, quarantined 0, failed 0"
+            "updates: stored 0, aggregated 0, superseded 0, rejected 0, quarantined 0, failed 0"
         )
         assert "grouping version -" in lines[1]
         assert "alice" in frame and "bob" in frame
@@ -84,6 +84,7 @@ def test_json_watch_prints_one_object_per_line(enrolled):
         assert o["summary"]["updates"] == {
             "stored": 0,
             "aggregated": 0,
+            "superseded": 0,
             "rejected": 0,
             "quarantined": 0,
             "failed": 0,
@@ -108,6 +109,7 @@ def test_summary_counts_updates_and_their_rate(enrolled, monkeypatch):
     assert summary["updates"] == {
         "stored": 1,
         "aggregated": 3,
+        "superseded": 0,
         "rejected": 0,
         "quarantined": 0,
         "failed": 1,
