@@ -169,11 +169,26 @@ class Aggregator:
                 log.error("update=%s: event does not match its row", event.update_uid)
                 return "mismatch"
             status = update.status
+            overtaken = False
+            if isinstance(event, UpdateStored) and status == "stored" and event.round_id is None:
+                # a newer update of the client aggregated first (within this transaction)
+                newer = s.scalars(
+                    select(Update)
+                    .where(
+                        Update.client_id == update.client_id,
+                        Update.status == "aggregated",
+                        Update.id > update.id,
+                    )
+                    .order_by(Update.id.desc())
+                    .limit(1)
+                ).first()
+                if newer is not None:
+                    overtaken = self._supersede_older(s, newer) > 0
         if isinstance(event, UpdateStored):
             metrics.UPDATES_RECEIVED.inc()
             if status != "stored":
                 return f"already-{status}"
-            if event.round_id is None and self._supersede_older(update.client_id):
+            if overtaken:
                 return "superseded"
             candidates: list[int] | None = None
             try:
@@ -314,36 +329,27 @@ class Aggregator:
                 row.reason = str(exc)[:2000]
         metrics.UPDATES_REJECTED.labels(reason=exc.label).inc()
 
-    def _supersede_older(self, client_id: int, s: Session | None = None) -> int:
-        """Asynchronous updates of a client still `stored` but older than its latest
-        aggregated one become `superseded`: that aggregate already used the newer update in
-        their place, so aggregating them would step the client back in time, and left
-        `stored` every recovery pass would handle them again. Returns how many."""
-        if s is None:
-            with session_scope(self.db_url) as s2:
-                return self._supersede_older(client_id, s2)
-        newest = s.scalars(
-            select(Update)
-            .where(Update.client_id == client_id, Update.status == "aggregated")
-            .order_by(Update.id.desc())
-            .limit(1)
-        ).first()
-        if newest is None:
-            return 0
+    def _supersede_older(self, s: Session, newer: Update) -> int:
+        """Asynchronous updates of `newer`'s client still `stored` but older than it (it is
+        aggregated) become `superseded`: its aggregate already used it in their place, so
+        aggregating them would step the client back in time, and left `stored` every
+        recovery pass would handle them again. Returns how many."""
         older = list(
             s.scalars(
                 select(Update).where(
-                    Update.client_id == client_id,
+                    Update.client_id == newer.client_id,
                     Update.status == "stored",
                     Update.round_id.is_(None),
-                    Update.id < newest.id,
+                    Update.id < newer.id,
                 )
             )
         )
         for row in older:
-            log.info("client=%s update=%s superseded by update=%s", client_id, row.uid, newest.uid)
+            log.info(
+                "client=%s update=%s superseded by update=%s", row.client_id, row.uid, newer.uid
+            )
             row.status = "superseded"
-            row.reason = f"superseded by update {newest.uid}, aggregated before it"
+            row.reason = f"superseded by update {newer.uid}, aggregated before it"
             self._screened.discard(row.id)
         return len(older)
 
@@ -800,9 +806,7 @@ class Aggregator:
                 upd.aggregated_at = stamp
                 created = as_utc(upd.created_at)
                 metrics.STORED_TO_PUBLISHED_SECONDS.observe((stamp - created).total_seconds())
-            s.flush()
-            for client_id, _ in published:  # in the same transaction as the newer one
-                self._supersede_older(client_id, s)
+                self._supersede_older(s, upd)  # in the same transaction
             self._finish_round(round_id, s)
             entries = s.scalar(select(func.count()).select_from(SimilarityEdge)) or 0
         metrics.UPDATES_AGGREGATED.inc(len(published))

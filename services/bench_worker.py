@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 
 from services.client_data import Example
+from services.processes import free_port
 from services.settings import Settings
 
 Echo = Callable[[str], None]
@@ -226,12 +226,6 @@ def bare_train(
     seconds = time.perf_counter() - t0
     model.eval()
     return seconds, loss_sum / max(step, 1), samples
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _scrape(url: str) -> dict[str, float]:
@@ -417,7 +411,7 @@ def finetune_overhead(
     client = demo[0]  # news-a: 5 options per example
     examples = load_examples(client.train_path)
     per_epoch = math.ceil(len(examples) / settings.batch_size)
-    metrics_port = _free_port()
+    metrics_port = free_port()
     # The embedded deployment, whatever FEDVEC_* says; fp32 on either device, so that
     # the bare loop and the worker do the same arithmetic.
     s = settings.replace(

@@ -661,10 +661,14 @@ def aggregator(ctx: click.Context, loglevel: str) -> None:
     from workers.celery_app import AGGREGATE_QUEUE, app, worker_argv
 
     settings = _settings(ctx)
-    if settings.torch_threads > 0:  # the math's threads; the rest of the machine is the DB's
-        import torch
+    import torch
 
+    if settings.torch_threads > 0:  # the math's threads; the rest of the machine is the DB's
         torch.set_num_threads(settings.torch_threads)
+    click.echo(
+        f"aggregator: strategy {settings.strategy}, {torch.get_num_threads()} math threads",
+        err=True,
+    )
     _when_reachable(settings, lambda: _check_db(settings), "the database")
     serve(settings.metrics_port)
     # start-up recovery reads both; it is idempotent, so a retry after a partial pass is safe

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from services.settings import Settings, env_name
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now (for a child server, or as an
+    address where nobody answers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:

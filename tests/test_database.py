@@ -6,7 +6,6 @@ count as transient (retried) on each backend and object store."""
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 
@@ -25,6 +24,7 @@ from services.db import (
     upgrade,
 )
 from services.object_store import ObjectStoreError, S3Store, TransientStoreError
+from services.processes import free_port
 from services.transient import backoff_seconds, is_transient
 
 
@@ -122,21 +122,15 @@ def test_exclusive_admits_one_holder_at_a_time(db_url):
         pass
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_services_are_transient_and_bad_requests_are_not(s3_endpoint):
-    engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/x")
+    engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x")
     with pytest.raises(Exception) as caught:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     assert is_transient(caught.value)
 
     with pytest.raises(TransientStoreError) as caught_s3:
-        S3Store(f"127.0.0.1:{_closed_port()}", "bucket", "k", "s")
+        S3Store(f"127.0.0.1:{free_port()}", "bucket", "k", "s")
     assert is_transient(caught_s3.value)
 
     # an answer about the request itself: retrying cannot help

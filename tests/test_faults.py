@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ from services.cli import cli
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
-from services.processes import settings_env
+from services.processes import free_port, settings_env
 from services.s3_server import start_s3_server
 from services.settings import Settings
 from tests.conftest import (
@@ -144,12 +143,6 @@ from services.cli import main
 sys.argv = ["fedvec", command]
 main()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateRedis:

@@ -169,7 +169,7 @@ def snapshot(w: World, store) -> dict[str, Any]:
     )
 
 
-def current(w: World, store, client_id: int) -> tuple[int, dict[str, torch.Tensor]]:
+def latest_adapter(w: World, client_id: int) -> PersonalizedAdapter:
     with session_scope(w.db) as s:
         row = s.scalars(
             select(PersonalizedAdapter)
@@ -177,6 +177,11 @@ def current(w: World, store, client_id: int) -> tuple[int, dict[str, torch.Tenso
             .order_by(PersonalizedAdapter.version.desc())
         ).first()
     assert row is not None  # every client has version 1 in the template
+    return row
+
+
+def current(w: World, store, client_id: int) -> tuple[int, dict[str, torch.Tensor]]:
+    row = latest_adapter(w, client_id)
     return row.version, ads.get_state(store, row.key, max_bytes=LIMIT, expected_sha256=row.sha256)
 
 
@@ -512,13 +517,7 @@ def run_case(w: World, case: Case) -> None:
     outcome = Aggregator(w.settings).handle(follow.to_dict())  # a restarted one too
     assert outcome == "aggregated", f"the honest update after it got {outcome!r}"
     assert current(w, store, nxt)[0] == v_next + 1
-    with session_scope(w.db) as s:
-        row = s.scalars(
-            select(PersonalizedAdapter)
-            .where(PersonalizedAdapter.client_id == nxt)
-            .order_by(PersonalizedAdapter.version.desc())
-        ).first()
-        assert hostile is False or uid not in row.sources["updates"]
+    assert hostile is False or uid not in latest_adapter(w, nxt).sources["updates"]
 
 
 # ------------------------------------------------------------------------------- the tests

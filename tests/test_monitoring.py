@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -46,6 +45,7 @@ from services import processes
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
+from services.processes import free_port
 from services.s3_server import start_s3_server
 from services.settings import Settings
 from tests.conftest import (
@@ -64,12 +64,6 @@ K8S_PROMETHEUS = ROOT / "infra/k8s/prometheus.yaml"
 ROLES = ("worker", "aggregator", "metrics")  # Prometheus jobs fedvec-<role>
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def binary(name: str) -> str:

@@ -6,7 +6,6 @@ stays away."""
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,17 +16,12 @@ from sqlalchemy.exc import OperationalError
 from services import processes
 from services.db import SchemaNotReady, upgrade
 from services.object_store import TransientStoreError
+from services.processes import free_port
 from services.s3_server import start_s3_server
 from services.transient import wait_until_reachable
 from tests.conftest import create_postgres_database, redis_broker_url, service_settings, unavailable
 
 log = logging.getLogger("test.startup")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flaky(failures: list[BaseException], result: str = "up") -> Callable[[], str]:
@@ -103,15 +97,24 @@ def test_aggregator_started_while_s3_is_down_waits_and_starts_when_it_is_back(tm
     try:
         upgrade(url)
         settings = service_settings(
-            tmp_path, url, endpoint, broker_url=redis_broker_url(), recover_interval=0
+            tmp_path,
+            url,
+            endpoint,
+            broker_url=redis_broker_url(),
+            recover_interval=0,
+            torch_threads=1,
         )
         proc = processes.start("aggregator", settings, log_path)
-        text = lambda: log_path.read_text(errors="replace") if log_path.exists() else ""  # noqa: E731
+
+        def text() -> str:
+            return log_path.read_text(errors="replace") if log_path.exists() else ""
+
         wait_for(
             "the aggregator to report S3 unreachable",
             lambda: "the database or the object store unreachable (attempt" in text(),
         )
         assert proc.poll() is None, text()  # waiting, not exited
+        assert "aggregator: strategy fedbip, 1 math threads" in text()  # FEDVEC_TORCH_THREADS
         _, stop_again = start_s3_server(port)  # back on the same address
         stops.append(stop_again)
         wait_for("the aggregator to start consuming", lambda: " ready." in text(), timeout=90)
