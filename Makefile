@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo demo-flan8 test lint clean bench-latency bench-quality bench-quality-quick \
+	bench-quality-shards bench-quality-demo \
 	bench-scale bench-scale-quick bench-worker bench-worker-quick bench-peer bench-peer-quick \
 	bench-soak bench-soak-quick bench-poison bench-poison-quick monitoring-tools
 
@@ -25,12 +26,36 @@ demo: install
 demo-flan8: install
 	$(BIN)/fedvec demo --dataset flan8
 
-# every strategy on flan8, 3 seeds: report.md, results.csv and plots (about an hour)
+# The quality benchmark in its three settings: every strategy, 3 seeds, settings chosen on
+# validation records cut from training data. Each writes under .fedvec/bench/ and copies its
+# report (report.md, results.csv, summary.json, plots, per-run results) to
+# services/reports/; rerun the same target after an interruption and finished runs are
+# reused. FLAN_DIR: any FLAN-format folder (default: FEDVEC_FLAN8_DIR).
+FLAN_DIR ?=
+FLAN_ARG := $(if $(FLAN_DIR),--data-dir $(FLAN_DIR),)
+REPORT_FILES := report.md results.csv summary.json similarity.json groups.json *.png results
+publish = mkdir -p services/reports/$(1) && cd .fedvec/bench/$(1) && \
+	cp -r $(REPORT_FILES) $(CURDIR)/services/reports/$(1)/
+
+# flan8's split, one client per task (about 2 h on 2 CPU cores)
 bench-quality: install
-	$(BIN)/fedvec bench quality --group-threshold -1 --out .fedvec/bench/quality
+	$(BIN)/fedvec bench quality $(FLAN_ARG) --rounds 2 --out .fedvec/bench/quality-flan8
+	$(call publish,quality-flan8)
+
+# each task cut into 4 data-scarce clients, 5 rounds, grouping on (about 4 h; resumable)
+bench-quality-shards: install
+	$(BIN)/fedvec bench quality $(FLAN_ARG) --shards 4 --rounds 5 --test-per-client 100 \
+		--generalization-examples 16 --out .fedvec/bench/quality-flan8-shards
+	$(call publish,quality-flan8-shards)
+
+# 12 label-skewed clients of the demo's news and tweet tasks, grouping on
+bench-quality-demo: install
+	$(BIN)/fedvec bench quality --dataset demo --clients 12 --rounds 3 \
+		--out .fedvec/bench/quality-demo
+	$(call publish,quality-demo)
 
 bench-quality-quick: install
-	$(BIN)/fedvec bench quality --quick --group-threshold -1 --out .fedvec/bench/quality-quick
+	$(BIN)/fedvec bench quality --quick --out .fedvec/bench/quality-quick
 
 # time from update.stored to the personalized adapter on Redis + PostgreSQL + S3
 bench-latency: install

@@ -61,3 +61,58 @@ def threshold_groups(sim: torch.Tensor, threshold: float) -> list[int]:
         for i in members:
             labels[i] = label
     return labels
+
+
+def _offdiagonal(sim: torch.Tensor) -> torch.Tensor:
+    n = int(sim.shape[0])
+    s = sim.detach().to(torch.float64)
+    return s[~torch.eye(n, dtype=torch.bool)]
+
+
+def relative_threshold(sim: torch.Tensor, z: float) -> float:
+    """median + z · (1.4826 · MAD) of the off-diagonal similarities: a threshold that follows
+    the observed distribution. Task vectors of unrelated clients are nearly orthogonal
+    with a spread that changes round by round, so a fixed cosine groups unsteadily; pairs
+    of one task stand out of the bulk by some robust standard deviations. With fewer than
+    two clients (no pairs) +inf: nothing to merge."""
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"relative_threshold: expected a square matrix, got {tuple(sim.shape)}")
+    if not math.isfinite(z):
+        raise ValueError(f"relative_threshold: z must be finite, got {z}")
+    values = _offdiagonal(sim)
+    if values.numel() == 0:
+        return math.inf
+    median = float(values.median())
+    mad = float((values - median).abs().median())
+    return median + z * 1.4826 * mad
+
+
+def adjusted_rand_index(a: list, b: list) -> float:
+    """Adjusted Rand index of two labellings of the same items (Hubert and Arabie): 1 when
+    they agree up to renaming, about 0 for unrelated ones. 1.0 when both put every item in
+    one group, or each item alone (nothing to disagree on)."""
+    if len(a) != len(b):
+        raise ValueError(f"adjusted_rand_index: {len(a)} labels against {len(b)}")
+
+    def pairs(k: int) -> float:
+        return k * (k - 1) / 2
+
+    joint: dict[tuple, int] = {}
+    for x, y in zip(a, b, strict=True):
+        joint[(x, y)] = joint.get((x, y), 0) + 1
+    rows: dict = {}
+    cols: dict = {}
+    for (x, y), k in joint.items():
+        rows[x] = rows.get(x, 0) + k
+        cols[y] = cols.get(y, 0) + k
+    index = sum(pairs(k) for k in joint.values())
+    sum_rows = sum(pairs(k) for k in rows.values())
+    sum_cols = sum(pairs(k) for k in cols.values())
+    total = pairs(len(a))
+    if total == 0:
+        return 1.0
+    expected = sum_rows * sum_cols / total
+    best = (sum_rows + sum_cols) / 2
+    if best == expected:
+        return 1.0
+    return (index - expected) / (best - expected)

@@ -101,6 +101,7 @@ class Aggregator:
             settings.strategy,
             group_threshold=settings.group_threshold,
             staleness_exponent=settings.staleness_exponent,
+            group_threshold_z=settings.group_threshold_z,
         )
         self._expected: dict[str, tuple[int, ...]] | None = None
         # update id -> (client id, τ, θ): task vectors are immutable, so caching them is
@@ -607,19 +608,31 @@ class Aggregator:
                 similarity=plan.similarity[chosen][:, chosen],
                 groups=[plan.groups[i] for i in chosen],
             )
-            base = self._base(client_id, version)
-            new_state = self.strategy.personalize(
-                0, base, [contributions[i] for i in chosen], sub_plan
-            )
-            staleness_used += [contributions[i].staleness for i in chosen]
+            started = self._cold_start(mine, plan, loaded, current) if version == 0 else None
+            if started is not None:  # a newcomer: its group's current models
+                new_state, weights = started
+                sources = {
+                    "watermark": watermark,
+                    "cold_start": {
+                        str(loaded[i].update.client_id): round(w, 6) for i, w in weights.items()
+                    },
+                    "updates": [loaded[mine].update.uid],
+                    "groups": [plan.groups[mine]],
+                }
+            else:
+                base = self._base(client_id, version)
+                new_state = self.strategy.personalize(
+                    0, base, [contributions[i] for i in chosen], sub_plan
+                )
+                staleness_used += [contributions[i].staleness for i in chosen]
+                sources = {
+                    "watermark": watermark,
+                    "updates": [loaded[i].update.uid for i in chosen],
+                    "groups": sub_plan.groups,
+                }
             check_state_dict(new_state, self.expected_shapes())
             key = ads.personalized_key(client_id, version + 1)
             sha = ads.put_state(self.store, key, new_state, client_id=str(client_id))
-            sources = {
-                "watermark": watermark,
-                "updates": [loaded[i].update.uid for i in chosen],
-                "groups": sub_plan.groups,
-            }
             published.append(
                 (
                     client_id,
@@ -647,6 +660,27 @@ class Aggregator:
             len(set(plan.groups)),
             elapsed,
         )
+
+    def _cold_start(
+        self,
+        mine: int,
+        plan: Plan,
+        loaded: list[Loaded],
+        current: dict[int, tuple[int, int]],
+    ) -> tuple[StateDict, dict[int, float]] | None:
+        """A client with no personalized adapter yet, whose group has clients that have one:
+        the strategy's first θ̄ for it from their current θ̄ (None: the usual rule). Only
+        group members are read, and only for a newcomer."""
+        group = plan.groups[mine]
+        peers = {
+            i: x.update.client_id
+            for i, x in enumerate(loaded)
+            if i != mine and plan.groups[i] == group and current.get(x.update.client_id)
+        }
+        if not peers or type(self.strategy).cold_start is Strategy.cold_start:
+            return None
+        models = {i: self._base(cid, current[cid][0]) for i, cid in peers.items()}
+        return self.strategy.cold_start(mine, plan, models)
 
     # --- the sketch index (aggregate_peers > 0) ----------------------------------------
     def _nearest(self, s: Session, targets: list[int]) -> list[int]:
@@ -798,7 +832,8 @@ class Aggregator:
                 labels = self._index.labels()  # the whole population's groups, by sketch
                 self._store_groups(s, list(labels), list(labels.values()), round_id)
             else:
-                self._store_groups(s, ids, plan.groups, round_id)
+                used = self.strategy.threshold(sim_index) if len(ids) > 1 else None
+                self._store_groups(s, ids, plan.groups, round_id, used)
             for client_id, row in published:
                 s.add(row)
                 upd = s.get(Update, loaded[ids.index(client_id)].update.id)
@@ -863,7 +898,12 @@ class Aggregator:
                 )
 
     def _store_groups(
-        self, s: Session, ids: list[int], labels: list[int], round_id: int | None
+        self,
+        s: Session,
+        ids: list[int],
+        labels: list[int],
+        round_id: int | None,
+        threshold: float | None = None,
     ) -> None:
         """A new grouping version when membership changed."""
         latest = s.scalar(select(func.max(Grouping.version)))
@@ -883,7 +923,7 @@ class Aggregator:
             Grouping(
                 version=version,
                 strategy=self.strategy.name,
-                threshold=self.settings.group_threshold,
+                threshold=self.settings.group_threshold if threshold is None else threshold,
                 num_groups=len(set(labels)),
                 round_id=round_id,
             )

@@ -19,7 +19,7 @@ from aggregator.aggregation import (
     staleness_discount,
     uniform_weights,
 )
-from aggregator.grouping import threshold_groups
+from aggregator.grouping import relative_threshold, threshold_groups
 from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices
 from aggregator.task_vectors import (
     InvalidTaskVector,
@@ -81,16 +81,30 @@ def _task_cosine(contributions: Sequence[Contribution]) -> torch.Tensor:
 class Strategy(abc.ABC):
     name: ClassVar[str]
 
-    def __init__(self, group_threshold: float = 0.1, staleness_exponent: float = 0.5) -> None:
+    def __init__(
+        self,
+        group_threshold: float = 0.1,
+        staleness_exponent: float = 0.5,
+        group_threshold_z: float = 0.0,
+    ) -> None:
         staleness_discount(0, staleness_exponent)  # validates the exponent early
         self.group_threshold = float(group_threshold)
         self.staleness_exponent = float(staleness_exponent)
+        # > 0: the threshold is relative_threshold(similarity, z) at every regrouping
+        self.group_threshold_z = float(group_threshold_z)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(group_threshold={self.group_threshold}, "
-            f"staleness_exponent={self.staleness_exponent})"
+            f"staleness_exponent={self.staleness_exponent}, "
+            f"group_threshold_z={self.group_threshold_z})"
         )
+
+    def threshold(self, similarity: torch.Tensor) -> float:
+        """The grouping threshold for this similarity matrix."""
+        if self.group_threshold_z > 0:
+            return relative_threshold(similarity, self.group_threshold_z)
+        return self.group_threshold
 
     @abc.abstractmethod
     def plan(
@@ -123,6 +137,42 @@ class Strategy(abc.ABC):
             raise InvalidTaskVector(f"base of target client: {e}") from e
         return self._personalize(target, base, contributions, plan)
 
+    def cold_start(
+        self, target: int, plan: Plan, peer_models: dict[int, StateDict]
+    ) -> tuple[StateDict, dict[int, float]] | None:
+        """The first θ̄ of contributions[target] when it joins after others trained, from
+        `peer_models` (index -> that client's current θ̄, for the clients that have one);
+        with the weights used. None: the usual rule (`personalize`) applies.
+
+        Why: the usual rule gives a newcomer the initial adapter plus one round of its
+        peers' task vectors, small steps each taken from the peer's own base, so it
+        inherits almost nothing of what its group accumulated."""
+        return None
+
+    def _weighted_models(
+        self, peer_models: dict[int, StateDict], weights: dict[int, float]
+    ) -> tuple[StateDict, dict[int, float]] | None:
+        """Σ w_k θ̄_k over the peers with w_k > 0, weights normalized; None if none is."""
+        kept = {k: w for k, w in weights.items() if w > 0 and k in peer_models}
+        total = sum(kept.values())
+        if not kept or total <= 0:
+            return None
+        kept = {k: w / total for k, w in sorted(kept.items())}
+        some = next(iter(peer_models.values()))
+        zero = {key: torch.zeros_like(v, dtype=torch.float32) for key, v in some.items()}
+        return add_scaled(zero, [peer_models[k] for k in kept], list(kept.values())), kept
+
+    def _group_cold_start(
+        self, target: int, plan: Plan, peer_models: dict[int, StateDict], *, uniform: bool
+    ) -> tuple[StateDict, dict[int, float]] | None:
+        """The group's current models, weighted by similarity to the newcomer (clipped at 0)
+        or uniformly."""
+        members = [k for k in self._group_of(target, plan) if k != target]
+        weights = {
+            k: 1.0 if uniform else max(float(plan.similarity[target, k]), 0.0) for k in members
+        }
+        return self._weighted_models(peer_models, weights)
+
     def _discounts(self, contributions: Sequence[Contribution]) -> torch.Tensor:
         return torch.tensor(
             [staleness_discount(c.staleness, self.staleness_exponent) for c in contributions],
@@ -133,7 +183,7 @@ class Strategy(abc.ABC):
         self, contributions: Sequence[Contribution], similarity: torch.Tensor | None
     ) -> Plan:
         sim = _task_cosine(contributions) if similarity is None else similarity
-        return Plan(similarity=sim, groups=threshold_groups(sim, self.group_threshold))
+        return Plan(similarity=sim, groups=threshold_groups(sim, self.threshold(sim)))
 
     @staticmethod
     def _group_of(target: int, plan: Plan) -> list[int]:
@@ -169,6 +219,10 @@ class FedAvg(Strategy):
         weights = size_weights([c.num_examples for c in contributions])
         return add_scaled(base, [c.task_vector for c in contributions], weights.tolist())
 
+    def cold_start(self, target, plan, peer_models):
+        # a newcomer to FedAvg downloads the global model (all clients' models agree)
+        return self._weighted_models(peer_models, {k: 1.0 for k in peer_models if k != target})
+
 
 class FedAMPRaw(Strategy):
     """FedAMP-style attentive message passing with similarity on raw parameters.
@@ -202,6 +256,9 @@ class FedBip(Strategy):
     def plan(self, contributions, similarity=None) -> Plan:
         return self._grouped_plan(contributions, similarity)
 
+    def cold_start(self, target, plan, peer_models):
+        return self._group_cold_start(target, plan, peer_models, uniform=False)
+
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
         self_index = members.index(target)
@@ -221,6 +278,9 @@ class FedBipLayerwise(Strategy):
 
     def plan(self, contributions, similarity=None) -> Plan:
         return self._grouped_plan(contributions, similarity)
+
+    def cold_start(self, target, plan, peer_models):
+        return self._group_cold_start(target, plan, peer_models, uniform=False)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
@@ -247,6 +307,9 @@ class Clustered(Strategy):
 
     def plan(self, contributions, similarity=None) -> Plan:
         return self._grouped_plan(contributions, similarity)
+
+    def cold_start(self, target, plan, peer_models):
+        return self._group_cold_start(target, plan, peer_models, uniform=True)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)

@@ -163,6 +163,9 @@ class Evaluation(Base):
     # the score: accuracy for multiple-choice tasks, ROUGE-L F1 for generation tasks
     metric: Mapped[str] = mapped_column(String(16), default="accuracy", server_default="accuracy")
     accuracy: Mapped[float] = mapped_column(Float)
+    # mean recall over the gold answers (multiple choice; None for generation): a skewed
+    # test split cannot flatter a model that always gives its majority answer
+    balanced_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     num_examples: Mapped[int] = mapped_column(Integer)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

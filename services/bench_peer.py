@@ -63,11 +63,10 @@ from services import adapter_store as ads
 from services import operations as ops
 from services import processes
 from services.bench_quality import _latest, git_commit
-from services.client_data import load_examples
+from services.client_data import ClientSpec, load_examples
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo import demo_clients
-from services.demo_data import DemoClient
 from services.settings import Settings
 from services.tables import table
 
@@ -306,7 +305,7 @@ def summarize_profile(path: Path, rate: int = 100, top: int = 6) -> dict[str, An
 def run_fedvec(
     settings: Settings,
     plan: PeerPlan,
-    clients: list[DemoClient],
+    clients: list[ClientSpec],
     home: Path,
     echo: Echo,
     profile: dict[str, Any] | None = None,
@@ -445,7 +444,7 @@ def flower_evaluate(message: Any, context: Any) -> Any:
     runtime = get_runtime(settings)
     examples = load_examples(client["test"])
     runtime.load_adapter(_arrays_to_state(message.content["arrays"]))
-    accuracy, loss = runtime.evaluate(examples)
+    accuracy, loss, _ = runtime.evaluate(examples)
     metrics = MetricRecord(
         {
             "num-examples": len(examples),
@@ -517,7 +516,7 @@ def _timed_fedavg(rounds: int, nodes: int) -> Any:
 def run_flower(
     settings: Settings,
     plan: PeerPlan,
-    clients: list[DemoClient],
+    clients: list[ClientSpec],
     ids: dict[str, int],
     home: Path,
     echo: Echo,
@@ -644,7 +643,7 @@ def relative_difference(fv: SideResult, fl: SideResult) -> float:
     return float(between / moved) if moved > 0 else float(between)
 
 
-def render(plan: PeerPlan, clients: list[DemoClient], fl: SideResult, fv: SideResult) -> str:
+def render(plan: PeerPlan, clients: list[ClientSpec], fl: SideResult, fv: SideResult) -> str:
     rows: list[list[str]] = []
 
     def row(label: str, a: float, b: float, digits: int = 1, ratio: bool = True) -> None:

@@ -52,10 +52,10 @@ from schema.events import EvaluateRequest, Message, TrainRequest
 from schema.models import Client, PersonalizedAdapter, Update
 from services import adapter_store as ads
 from services import operations as ops
-from services.client_data import load_examples, write_jsonl
+from services.client_data import ClientSpec, load_examples, write_jsonl
 from services.context import object_store
 from services.db import session_scope, upgrade
-from services.demo_data import DEMO_CLIENTS, DemoClient, build_demo_clients
+from services.demo_data import DEMO_CLIENTS, build_demo_clients
 from services.settings import Settings
 from services.tables import table as _table
 
@@ -96,7 +96,7 @@ QUICK = PoisonPlan(honest=4, rounds=1, train_per_client=8, test_per_client=8)
 
 def poison_clients(
     data_dir: Path, honest: int, train_per_client: int, test_per_client: int, seed: int
-) -> list[DemoClient]:
+) -> list[ClientSpec]:
     """`honest` clients from the demo data: the 6 demo clients, each split into
     ceil(honest / 6) disjoint shares of its records, taken share by share (news-a-1,
     news-b-1, ..., tweets-c-1, news-a-2, ...)."""
@@ -109,7 +109,7 @@ def poison_clients(
         test_per_client=test_per_client * shares,
         seed=seed,
     )
-    out: list[DemoClient] = []
+    out: list[ClientSpec] = []
     for k in range(shares):
         for c in demo:
             if len(out) == honest:
@@ -185,7 +185,7 @@ def _attacker_train(s: Settings, victim_id: int, round_id: int, attack: str) -> 
 def run_once(
     settings: Settings,
     plan: PoisonPlan,
-    clients: list[DemoClient],
+    clients: list[ClientSpec],
     *,
     strategy: str,
     attack: str | None,

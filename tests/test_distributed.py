@@ -28,9 +28,10 @@ from schema.models import PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import operations as ops
 from services import processes
+from services.client_data import ClientSpec
 from services.context import object_store
 from services.db import session_scope, upgrade
-from services.demo_data import DemoClient, build_demo_clients
+from services.demo_data import build_demo_clients
 from services.s3_server import start_s3_server
 from services.settings import Settings
 from tests.conftest import create_postgres_database, redis_broker_url, service_settings
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.slow
 class Deployment:
     settings: Settings
     home: Path
-    clients: list[DemoClient]
+    clients: list[ClientSpec]
     procs: list[subprocess.Popen[bytes]]
 
     def start(self, command: str, name: str, *args: str) -> subprocess.Popen[bytes]:

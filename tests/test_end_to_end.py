@@ -155,6 +155,6 @@ def test_exported_adapter_loads_with_peft_and_matches_the_worker(run, tmp_path):
     # the accuracy the worker recorded is what the exported model gives
     all_examples = load_examples(chosen[0].test_path)
     runtime.load_adapter(ads.get_state(object_store(settings), row.key, max_bytes=2**30))
-    acc, _ = runtime.evaluate(all_examples)
+    acc = runtime.evaluate(all_examples).score
     worker_acc = next(e["accuracy"] for e in evals if e["client_id"] == client.id)
     assert acc == pytest.approx(worker_acc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from aggregator.aggregation import (
     staleness_discount,
     uniform_weights,
 )
-from aggregator.grouping import threshold_groups
+from aggregator.grouping import adjusted_rand_index, relative_threshold, threshold_groups
 from aggregator.similarity import cosine, cosine_matrix, layerwise_cosine_matrices
 from aggregator.task_vectors import (
     InvalidTaskVector,
@@ -24,6 +26,7 @@ from aggregator.task_vectors import (
     task_vector,
     unflatten,
 )
+from workers.text_metrics import balanced_accuracy
 
 P = "base_model.model."
 Q = P + "bert.encoder.layer.0.attention.self.query"
@@ -349,3 +352,51 @@ def test_state_dict_norm_is_the_norm_of_the_flattened_vector():
     sd = {"b": torch.randn(3, 4, generator=g), "a": torch.randn(5, generator=g)}
     assert norm(sd) == pytest.approx(float(flatten(sd).double().norm()), rel=1e-9)
     assert norm({}) == 0.0
+
+
+def test_relative_threshold_follows_the_observed_spread():
+    # 6 clients, 3 same-task pairs at 0.12 and unrelated pairs around 0 ± 0.01:
+    # a fixed 0.2 groups nothing, the relative threshold finds the pairs
+    n = 6
+    sim = torch.zeros((n, n), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn((n, n), generator=gen, dtype=torch.float64)
+    sim += (noise + noise.T) / 2
+    for a, b in ((0, 1), (2, 3), (4, 5)):
+        sim[a, b] = sim[b, a] = 0.12
+    sim.fill_diagonal_(1.0)
+    assert threshold_groups(sim, 0.2) == list(range(n))
+    t = relative_threshold(sim, 3.0)
+    assert 0.0 < t < 0.12
+    assert threshold_groups(sim, t) == [0, 0, 1, 1, 2, 2]
+    # scaled similarities (a later round): the same z gives the same groups
+    scaled = sim * 3
+    scaled.fill_diagonal_(1.0)
+    assert threshold_groups(scaled, relative_threshold(scaled, 3.0)) == [0, 0, 1, 1, 2, 2]
+    assert relative_threshold(torch.ones((1, 1)), 2.0) == math.inf
+    with pytest.raises(ValueError, match="finite"):
+        relative_threshold(sim, math.nan)
+
+
+def test_adjusted_rand_index_by_hand():
+    assert adjusted_rand_index([0, 0, 1, 1], ["a", "a", "b", "b"]) == 1.0
+    assert adjusted_rand_index([5, 5, 2, 2], [0, 0, 1, 1]) == 1.0  # names do not matter
+    assert adjusted_rand_index([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(-0.5)
+    # sklearn.metrics.adjusted_rand_score([0,0,0,1,1,1], [0,0,1,1,2,2]) = 0.242424...
+    assert adjusted_rand_index([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]) == pytest.approx(8 / 33)
+    assert adjusted_rand_index([0, 1, 2], ["a", "b", "c"]) == 1.0  # all apart, both
+    with pytest.raises(ValueError):
+        adjusted_rand_index([0, 1], [0])
+
+
+def test_balanced_accuracy_by_hand():
+    # gold: answer 0 six times, answer 1 twice; always answering 0 is 75 % accurate
+    gold = [0, 0, 0, 0, 0, 0, 1, 1]
+    assert balanced_accuracy([0] * 8, gold) == pytest.approx(0.5)
+    # recall 4/6 on answer 0, 1/2 on answer 1
+    predicted = [0, 0, 0, 0, 1, 1, 1, 0]
+    assert balanced_accuracy(predicted, gold) == pytest.approx((4 / 6 + 1 / 2) / 2)
+    assert balanced_accuracy([2, 2], [2, 2]) == 1.0
+    assert balanced_accuracy([], []) == 0.0
+    with pytest.raises(ValueError):
+        balanced_accuracy([0], [0, 1])

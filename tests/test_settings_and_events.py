@@ -19,7 +19,7 @@ def test_embedded_defaults(tmp_path):
     assert s.resolved_database_url == f"sqlite:///{tmp_path / 'fedvec.db'}"
     assert s.resolved_object_store_url == str(tmp_path / "objects")
     assert s.resolved_broker_url == "filesystem://"
-    assert s.model_path and s.target_modules == ["query", "value"]
+    assert s.model_path and s.target_modules == ["query", "key", "value", "dense"]
 
 
 def test_environment_beats_dotenv_and_types_convert(tmp_path):

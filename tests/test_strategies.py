@@ -281,3 +281,28 @@ def test_personalize_rejects_bad_inputs(planted):
     broken = [contribs[0], contribution(1, base, bad, 3)]
     with pytest.raises(InvalidTaskVector, match=r"client 1.*classifier\.bias.*NaN"):
         s.plan(broken)
+
+
+def test_cold_start_takes_the_groups_current_models(planted):
+    base, contribs = planted
+    gen = torch.Generator().manual_seed(7)
+    models = {k: make_sd(gen, scale=1.0) for k in range(4)}  # the clients' current θ̄
+    plan = get_strategy("fedbip", group_threshold=0.2).plan(contribs)
+    assert plan.groups == [0, 0, 1, 1]
+    # client 1 is new: its group is client 0 alone among the ones with a model
+    peers = {k: models[k] for k in (0, 2, 3)}
+    out, weights = get_strategy("fedbip", group_threshold=0.2).cold_start(1, plan, peers)
+    assert weights == {0: 1.0}
+    assert_sd_close(out, models[0])
+    # clustered: uniform over the group; fedavg: every client's model (the global one)
+    _, w = get_strategy("clustered", group_threshold=0.2).cold_start(3, plan, models)
+    assert w == {2: 1.0}
+    out, w = get_strategy("fedavg").cold_start(3, plan, models)
+    assert w == pytest.approx({0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
+    assert_sd_close(out, {k: (models[0][k] + models[1][k] + models[2][k]) / 3 for k in out})
+    # no collaboration, or no similar peer with a model: the usual rule
+    assert get_strategy("local").cold_start(1, plan, peers) is None
+    assert get_strategy("fedbip", group_threshold=0.2).cold_start(1, plan, {2: models[2]}) is None
+    opposed = torch.full((4, 4), -0.5, dtype=torch.float64).fill_diagonal_(1.0)
+    anti = Plan(similarity=opposed, groups=[0, 0, 0, 0])
+    assert get_strategy("fedbip").cold_start(1, anti, peers) is None

@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_raw_parameters_look_alike_task_vectors_do_not(tmp_path):
-    settings = load_settings(environ={}).replace(max_length=48, batch_size=4, max_steps=6)
+    # 12 steps: after 6 at the default learning rate the task vectors are still mostly noise
+    settings = load_settings(environ={}).replace(
+        max_length=48, batch_size=4, epochs=2, max_steps=12
+    )
     clients = {c.name: c for c in build_demo_clients(tmp_path, train_per_client=24)}
     runtime = ModelRuntime(settings)
     start = runtime.initial_adapter()
@@ -42,4 +45,5 @@ def test_initial_adapter_is_the_same_everywhere():
     a = ModelRuntime(settings).initial_adapter()
     b = ModelRuntime(settings).initial_adapter()
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert sum(v.numel() for v in a.values()) == 74_113  # LoRA r=8 on query/value + head
+    # LoRA r=8 on query, key, value and the three dense layers of 6 blocks, plus the head
+    assert sum(v.numel() for v in a.values()) == 332_161

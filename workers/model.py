@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import (
@@ -36,13 +36,14 @@ from peft import (
     set_peft_model_state_dict,
 )
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from aggregator.task_vectors import StateDict
 from services.client_data import GENERATION, Example, task_kind
 from services.settings import Settings
-from workers.text_metrics import rouge_l
+from workers.pair_scorer import PairScorer
+from workers.text_metrics import balanced_accuracy, rouge_l
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +82,18 @@ def resolve_precision(settings: Settings) -> torch.dtype:
 
 
 def lora_config(settings: Settings) -> LoraConfig:
-    # SEQ_CLS makes the encoder's scoring head ("classifier") trainable and saved.
-    task = TaskType.SEQ_CLS if model_kind(settings) == ENCODER else TaskType.CAUSAL_LM
+    if model_kind(settings) == ENCODER:
+        # a generic peft model over PairScorer: its scoring head trained and saved whole
+        task, saved = None, ["classifier"]
+    else:
+        task, saved = TaskType.CAUSAL_LM, None
     return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
         task_type=task,
+        modules_to_save=saved,
         base_model_name_or_path=settings.model_path,
     )
 
@@ -122,18 +127,14 @@ def _quiet_transformers() -> Iterator[None]:
 
 def load_base_model(
     model_path: str, dropout: float | None = None, dtype: torch.dtype = torch.float32
-) -> Any:
-    """The frozen encoder with a one-score head. `dropout` (if given) replaces the base
-    model's own dropout rates."""
+) -> PairScorer:
+    """The frozen encoder (without BERT's pooler, which mean pooling leaves unused) under a
+    fresh one-score head. `dropout` (if given) replaces the encoder's own dropout rates."""
     hf_logging.disable_progress_bar()  # a bar per load is noise in worker logs
-    # the one-score head is new by design: transformers' "newly initialized" report is noise
     with _quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=1, dtype=dtype
-        )
-    model.config.problem_type = "regression"  # one score per (prompt, option) pair
-    _set_dropout(model, dropout)
-    return model
+        encoder = AutoModel.from_pretrained(model_path, dtype=dtype, add_pooling_layer=False)
+    _set_dropout(encoder, dropout)
+    return PairScorer(encoder)
 
 
 def load_causal_lm(
@@ -162,6 +163,16 @@ def initial_adapter(peft_state: StateDict, seed: int) -> StateDict:
             torch.nn.init.normal_(t, std=0.02, generator=gen)
         out[key] = t
     return out
+
+
+class Scores(NamedTuple):
+    """What `evaluate` measures: accuracy or ROUGE-L F1 (see `metric_name`), the mean loss,
+    and for multiple choice the balanced accuracy (mean recall over the gold answers;
+    None for generation)."""
+
+    score: float
+    loss: float
+    balanced_accuracy: float | None = None
 
 
 @dataclass
@@ -296,14 +307,14 @@ class ModelRuntime:
     def loss(self, examples: Sequence[Example]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
+    def _evaluate(self, examples: Sequence[Example]) -> Scores:
         raise NotImplementedError
 
-    def evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
-        """(score, loss): accuracy or ROUGE-L F1 (see `metric_name`), and the mean loss."""
+    def evaluate(self, examples: Sequence[Example]) -> Scores:
+        """Scores of the loaded adapter on `examples`."""
         self.check_examples(examples)
         if not examples:
-            return 0.0, 0.0
+            return Scores(0.0, 0.0)
         try:
             return self._evaluate(examples)
         finally:
@@ -429,15 +440,23 @@ class EncoderRuntime(ModelRuntime):
             out.extend(s.cpu() for s in self._pair_scores(examples[i : i + bs]))
         return out
 
-    def _evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
-        """(accuracy, mean cross-entropy over the options)."""
+    def _evaluate(self, examples: Sequence[Example]) -> Scores:
+        """Accuracy, mean cross-entropy over the options, balanced accuracy."""
         scores = self.predict(examples)
-        correct = sum(int(s.argmax()) == ex.label for s, ex in zip(scores, examples, strict=True))
         loss = sum(
             float(torch.nn.functional.cross_entropy(s.unsqueeze(0), torch.tensor([ex.label])))
             for s, ex in zip(scores, examples, strict=True)
         )
-        return correct / len(examples), loss / len(examples)
+        return _choice_scores(scores, examples, loss / len(examples))
+
+
+def _choice_scores(
+    option_scores: Sequence[torch.Tensor], examples: Sequence[Example], loss: float
+) -> Scores:
+    predicted = [int(s.argmax()) for s in option_scores]
+    gold = [ex.label for ex in examples]
+    correct = sum(p == g for p, g in zip(predicted, gold, strict=True))
+    return Scores(correct / len(examples), loss, balanced_accuracy(predicted, gold))
 
 
 # (token ids, number of leading context tokens that are not scored)
@@ -564,18 +583,14 @@ class CausalLMRuntime(ModelRuntime):
             out.extend(tok.batch_decode(generated[:, width:], skip_special_tokens=True))
         return [text.strip() for text in out]
 
-    def _evaluate(self, examples: Sequence[Example]) -> tuple[float, float]:
-        """(accuracy or mean ROUGE-L F1, mean answer NLL per token)."""
+    def _evaluate(self, examples: Sequence[Example]) -> Scores:
+        """Accuracy or mean ROUGE-L F1, mean answer NLL per token, balanced accuracy."""
         loss = self.mean_answer_nll(examples)
         if task_kind(examples) == GENERATION:
             texts = self.generate(examples)
             scores = [rouge_l(t, ex.answer) for t, ex in zip(texts, examples, strict=True)]
-            return sum(scores) / len(scores), loss
-        option_scores = self.predict(examples)
-        correct = sum(
-            int(s.argmax()) == ex.label for s, ex in zip(option_scores, examples, strict=True)
-        )
-        return correct / len(examples), loss
+            return Scores(sum(scores) / len(scores), loss)
+        return _choice_scores(self.predict(examples), examples, loss)
 
 
 _RUNTIMES: dict[tuple[Any, ...], ModelRuntime] = {}

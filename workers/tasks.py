@@ -240,7 +240,7 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     ensure_initial_adapter(store, runtime, settings)
     current = current_adapter(db_url, req.client_id)
     runtime.load_adapter(load_current(store, settings, current))
-    accuracy, loss = runtime.evaluate(examples)
+    accuracy, loss, balanced = runtime.evaluate(examples)
     metric = metric_name(examples)
     try:
         with session_scope(db_url) as s:
@@ -251,6 +251,7 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
                     adapter_version=current.version,
                     metric=metric,
                     accuracy=accuracy,
+                    balanced_accuracy=balanced,
                     loss=loss,
                     num_examples=len(examples),
                 )

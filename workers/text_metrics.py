@@ -1,4 +1,5 @@
-"""Text metrics for generation tasks, without a dependency.
+"""Metrics without a dependency: ROUGE-L for generation tasks, balanced accuracy for
+multiple choice.
 
 `rouge_l` is ROUGE-L F1 as Google's rouge-score package computes `rougeL` with its
 default tokenizer and no stemming: lower-case, every run of characters other than
@@ -44,3 +45,17 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def balanced_accuracy(predicted: list[int], gold: list[int]) -> float:
+    """Mean recall over the gold answers present (classes by answer position, as the
+    majority baseline counts them): a model that always gives one answer scores 1/k on k
+    answers, however skewed the test split is. 0.0 for no examples."""
+    if len(predicted) != len(gold):
+        raise ValueError(f"{len(predicted)} predictions for {len(gold)} gold answers")
+    hits: dict[int, list[int]] = {}
+    for p, g in zip(predicted, gold, strict=True):
+        hits.setdefault(g, []).append(int(p == g))
+    if not hits:
+        return 0.0
+    return sum(sum(h) / len(h) for h in hits.values()) / len(hits)
