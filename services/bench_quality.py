@@ -41,7 +41,7 @@ from sqlalchemy import func, select
 
 from aggregator.aggregation import size_weights
 from aggregator.grouping import adjusted_rand_index, relative_threshold, threshold_groups
-from aggregator.similarity import cosine_matrix
+from aggregator.similarity import cosine_matrix, smoothed_similarity
 from aggregator.task_vectors import StateDict, add_scaled, flatten, task_vector
 from schema.models import Client, PersonalizedAdapter, Update
 from services import adapter_store as ads
@@ -207,14 +207,16 @@ def calibrate(
 ) -> dict[str, Any]:
     """Choices made on training data only (never the test split), with the first seed's
     initial adapter: every client trains alone, in this process, as `local` would.
-    - the grouping threshold: the z of `relative_threshold` in plan.z_grid whose groups of
-      the first round's task vectors agree best with the clients' tasks (adjusted Rand
-      index; ties to the smaller z, which groups more);
+    - the grouping threshold: the z of `relative_threshold` in plan.z_grid whose groups
+      agree best with the clients' tasks (adjusted Rand index, mean over rounds, of the
+      similarity index that those task vectors give round by round, smoothed as the
+      aggregator smooths it; ties to the smaller z, which groups more);
     - the late client's task: the one whose clients' adapters gain most over chance
       (balanced accuracy) on their validation records, i.e. a task local training learns."""
     runtime = evaluator.runtime
     initial = initial_adapter(runtime.adapter_state(), plan.seeds[0])
-    taus, gains = [], {}
+    taus: list[list[torch.Tensor]] = [[] for _ in range(plan.rounds)]  # per round, per client
+    gains: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     n = len(clients.clients)
     for i, c in enumerate(clients.clients):
@@ -222,27 +224,33 @@ def calibrate(
         # as `local` trains it: `rounds` runs of `epochs` epochs, each with a fresh optimizer
         trained = initial
         for r in range(plan.rounds):
-            trained = runtime.train(trained, examples, seed=i * 1009 + r).adapter
-            if r == 0:
-                taus.append(flatten(task_vector(trained, initial)))
+            before, trained = trained, runtime.train(trained, examples, seed=i * 1009 + r).adapter
+            taus[r].append(flatten(task_vector(trained, before)))
         if c.validation_path is not None:
             val = load_examples(c.validation_path)
             chance = sum(1 / len(e.options) for e in val) / len(val)
             gain = (evaluator.scores(trained, val).balanced_accuracy or 0.0) - chance
             gains.setdefault(c.task, []).append(gain)
         echo(f"  calibration: client {i + 1}/{n} ({time.perf_counter() - t0:.0f}s)")
-    sim = cosine_matrix(torch.stack(taus))
+    # the similarity index as the aggregator keeps it, round by round (smoothed)
     tasks = [c.task for c in clients.clients]
-    ari = {
-        z: adjusted_rand_index(threshold_groups(sim, relative_threshold(sim, z)), tasks)
-        for z in plan.z_grid
-    }
-    best_z = max(plan.z_grid, key=lambda z: (round(ari[z], 9), -z))
+    index = torch.full((n, n), float("nan"), dtype=torch.float64)
+    ari: dict[float, list[float]] = {z: [] for z in plan.z_grid}
+    for round_taus in taus:
+        now = cosine_matrix(torch.stack(round_taus))
+        index = smoothed_similarity(
+            now, index, torch.zeros((n, n), dtype=torch.bool), settings.similarity_memory
+        )
+        for z in plan.z_grid:
+            groups = threshold_groups(index, relative_threshold(index, z))
+            ari[z].append(adjusted_rand_index(groups, tasks))
+    mean_ari = {z: sum(v) / len(v) for z, v in ari.items()}
+    best_z = max(plan.z_grid, key=lambda z: (round(mean_ari[z], 9), -z))
     gain_by_task = {t: sum(g) / len(g) for t, g in gains.items()}
     learnable = max(gain_by_task, key=gain_by_task.get) if gain_by_task else tasks[0]
     return {
         "group_threshold_z": best_z,
-        "ari_by_z": {str(z): round(a, 4) for z, a in ari.items()},
+        "ari_by_z": {str(z): round(a, 4) for z, a in mean_ari.items()},
         "validation_gain_over_chance": {t: round(g, 4) for t, g in gain_by_task.items()},
         "new_client_task": learnable,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -525,8 +533,11 @@ def run_quality_bench(
     for line in clients.left_out:
         echo(f"  left out: {line}")
     evaluator = Evaluator(settings)
-    base_print = _fingerprint(dataclasses.asdict(plan), settings.public_dict())
-    calibration_print = _fingerprint(base_print, "calibration")
+    # what every run shares; the strategies and seeds asked for are not part of it, so a
+    # run with more of them reuses the stored ones (each run's print has its own)
+    shared = {k: v for k, v in dataclasses.asdict(plan).items() if k not in ("strategies", "seeds")}
+    base_print = _fingerprint(shared, settings.public_dict())
+    calibration_print = _fingerprint(base_print, "calibration", plan.seeds[0])
     calibration = _cached(out_dir / "results" / "calibration.json", calibration_print)
     if calibration is None:
         echo("choosing the grouping threshold and the late client's task on validation data")

@@ -433,6 +433,16 @@ def _label(client: str, task: str) -> str:
     return client if not task or task in client else f"{client} ({task})"
 
 
+def _z(z: Any) -> str:
+    """A relative grouping threshold as the report names it (bench_quality.NO_GROUPING_Z:
+    beyond any similarity)."""
+    try:
+        value = float(z)
+    except (TypeError, ValueError):
+        return str(z)
+    return "none (every client alone)" if value >= 1e5 else f"z={value:g}"
+
+
 def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) -> str:
     meta = data.meta or {}
     strategies = summary["strategies"]
@@ -462,6 +472,25 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
             text += f", {new['examples']} training examples, enrolled after the others trained"
         facts.insert(8, ("new client", text))
         shown.add("new_client")
+    calibration = meta.get("calibration")
+    if isinstance(calibration, dict):
+        gains = ", ".join(
+            f"{t} {g:+.3f}" for t, g in calibration.get("validation_gain_over_chance", {}).items()
+        )
+        aris = ", ".join(f"{_z(z)}: {a:.2f}" for z, a in calibration.get("ari_by_z", {}).items())
+        facts.append(
+            (
+                "chosen on validation records (never the test split)",
+                f"grouping threshold {_z(calibration.get('group_threshold_z'))} (adjusted Rand "
+                f"index of the first round's groups against the tasks: {aris}); the late "
+                f"client's task {calibration.get('new_client_task')} (balanced accuracy over "
+                f"chance after local training: {gains})",
+            )
+        )
+        shown.add("calibration")
+    for line in meta.get("left_out") or []:
+        facts.append(("left out", line))
+    shown.add("left_out")
     # whatever else the runner recorded, so the report never hides a setting
     facts += [(k.replace("_", " "), v) for k, v in meta.items() if k not in shown]
     lines += [f"- **{k}**: {v}" for k, v in facts]
