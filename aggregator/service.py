@@ -608,7 +608,11 @@ class Aggregator:
                 similarity=plan.similarity[chosen][:, chosen],
                 groups=[plan.groups[i] for i in chosen],
             )
-            started = self._cold_start(mine, plan, loaded, current) if version == 0 else None
+            started = (
+                self._cold_start(mine, plan, contributions, loaded, current)
+                if version == 0
+                else None
+            )
             if started is not None:  # a newcomer: its group's current models
                 new_state, weights = started
                 sources = {
@@ -616,7 +620,7 @@ class Aggregator:
                     "cold_start": {
                         str(loaded[i].update.client_id): round(w, 6) for i, w in weights.items()
                     },
-                    "updates": [loaded[mine].update.uid],
+                    "updates": [loaded[mine].update.uid],  # its own, added whole
                     "groups": [plan.groups[mine]],
                 }
             else:
@@ -665,22 +669,24 @@ class Aggregator:
         self,
         mine: int,
         plan: Plan,
+        contributions: list[Contribution],
         loaded: list[Loaded],
         current: dict[int, tuple[int, int]],
     ) -> tuple[StateDict, dict[int, float]] | None:
         """A client with no personalized adapter yet, whose group has clients that have one:
         the strategy's first θ̄ for it from their current θ̄ (None: the usual rule). Only
-        group members are read, and only for a newcomer."""
-        group = plan.groups[mine]
-        peers = {
-            i: x.update.client_id
-            for i, x in enumerate(loaded)
-            if i != mine and plan.groups[i] == group and current.get(x.update.client_id)
+        the models it weighs are read, and only for a newcomer."""
+        with_model = {
+            i for i, x in enumerate(loaded) if i != mine and x.update.client_id in current
         }
-        if not peers or type(self.strategy).cold_start is Strategy.cold_start:
+        weights = self.strategy.cold_start_weights(mine, plan, with_model)
+        if not weights:
             return None
-        models = {i: self._base(cid, current[cid][0]) for i, cid in peers.items()}
-        return self.strategy.cold_start(mine, plan, models)
+        models = {
+            i: self._base(loaded[i].update.client_id, current[loaded[i].update.client_id][0])
+            for i in weights
+        }
+        return self.strategy.cold_start(mine, contributions, weights, models), weights
 
     # --- the sketch index (aggregate_peers > 0) ----------------------------------------
     def _nearest(self, s: Session, targets: list[int]) -> list[int]:

@@ -137,41 +137,49 @@ class Strategy(abc.ABC):
             raise InvalidTaskVector(f"base of target client: {e}") from e
         return self._personalize(target, base, contributions, plan)
 
-    def cold_start(
-        self, target: int, plan: Plan, peer_models: dict[int, StateDict]
-    ) -> tuple[StateDict, dict[int, float]] | None:
-        """The first θ̄ of contributions[target] when it joins after others trained, from
-        `peer_models` (index -> that client's current θ̄, for the clients that have one);
-        with the weights used. None: the usual rule (`personalize`) applies.
+    def cold_start_weights(
+        self, target: int, plan: Plan, with_model: set[int]
+    ) -> dict[int, float] | None:
+        """When contributions[target] joins after others trained: the weights of the peers'
+        current θ̄ it starts from (normalized; only peers in `with_model`, those that have a
+        personalized adapter). None: no cold start, the usual rule (`personalize`) applies.
 
         Why: the usual rule gives a newcomer the initial adapter plus one round of its
         peers' task vectors, small steps each taken from the peer's own base, so it
         inherits almost nothing of what its group accumulated."""
         return None
 
-    def _weighted_models(
-        self, peer_models: dict[int, StateDict], weights: dict[int, float]
-    ) -> tuple[StateDict, dict[int, float]] | None:
-        """Σ w_k θ̄_k over the peers with w_k > 0, weights normalized; None if none is."""
-        kept = {k: w for k, w in weights.items() if w > 0 and k in peer_models}
-        total = sum(kept.values())
-        if not kept or total <= 0:
-            return None
-        kept = {k: w / total for k, w in sorted(kept.items())}
-        some = next(iter(peer_models.values()))
-        zero = {key: torch.zeros_like(v, dtype=torch.float32) for key, v in some.items()}
-        return add_scaled(zero, [peer_models[k] for k in kept], list(kept.values())), kept
+    def cold_start(
+        self,
+        target: int,
+        contributions: Sequence[Contribution],
+        weights: dict[int, float],
+        peer_models: dict[int, StateDict],
+    ) -> StateDict:
+        """The newcomer's first θ̄: Σ_k w_k θ̄_k over its peers' current models, plus its own
+        update τ_target (as `local` would apply it: its own data is not thrown away)."""
+        if not weights or abs(sum(weights.values()) - 1.0) > 1e-6:
+            raise ValueError(f"cold start weights must be non-empty and sum to 1: {weights}")
+        models = [peer_models[k] for k in weights]
+        zero = {key: torch.zeros_like(v, dtype=torch.float32) for key, v in models[0].items()}
+        mixed = add_scaled(zero, models, list(weights.values()))
+        return add_scaled(mixed, [contributions[target].task_vector], [1.0])
 
-    def _group_cold_start(
-        self, target: int, plan: Plan, peer_models: dict[int, StateDict], *, uniform: bool
-    ) -> tuple[StateDict, dict[int, float]] | None:
-        """The group's current models, weighted by similarity to the newcomer (clipped at 0)
-        or uniformly."""
-        members = [k for k in self._group_of(target, plan) if k != target]
-        weights = {
-            k: 1.0 if uniform else max(float(plan.similarity[target, k]), 0.0) for k in members
-        }
-        return self._weighted_models(peer_models, weights)
+    @staticmethod
+    def _normalized(weights: dict[int, float]) -> dict[int, float] | None:
+        kept = {k: w for k, w in sorted(weights.items()) if w > 0}
+        total = sum(kept.values())
+        return {k: w / total for k, w in kept.items()} if kept and total > 0 else None
+
+    def _group_weights(
+        self, target: int, plan: Plan, with_model: set[int], *, uniform: bool
+    ) -> dict[int, float] | None:
+        """The newcomer's group members that have a model, weighted by their similarity to it
+        (clipped at 0) or uniformly."""
+        members = [k for k in self._group_of(target, plan) if k != target and k in with_model]
+        return self._normalized(
+            {k: 1.0 if uniform else max(float(plan.similarity[target, k]), 0.0) for k in members}
+        )
 
     def _discounts(self, contributions: Sequence[Contribution]) -> torch.Tensor:
         return torch.tensor(
@@ -219,9 +227,9 @@ class FedAvg(Strategy):
         weights = size_weights([c.num_examples for c in contributions])
         return add_scaled(base, [c.task_vector for c in contributions], weights.tolist())
 
-    def cold_start(self, target, plan, peer_models):
+    def cold_start_weights(self, target, plan, with_model):
         # a newcomer to FedAvg downloads the global model (all clients' models agree)
-        return self._weighted_models(peer_models, {k: 1.0 for k in peer_models if k != target})
+        return self._normalized({k: 1.0 for k in with_model if k != target})
 
 
 class FedAMPRaw(Strategy):
@@ -256,8 +264,8 @@ class FedBip(Strategy):
     def plan(self, contributions, similarity=None) -> Plan:
         return self._grouped_plan(contributions, similarity)
 
-    def cold_start(self, target, plan, peer_models):
-        return self._group_cold_start(target, plan, peer_models, uniform=False)
+    def cold_start_weights(self, target, plan, with_model):
+        return self._group_weights(target, plan, with_model, uniform=False)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
@@ -279,8 +287,8 @@ class FedBipLayerwise(Strategy):
     def plan(self, contributions, similarity=None) -> Plan:
         return self._grouped_plan(contributions, similarity)
 
-    def cold_start(self, target, plan, peer_models):
-        return self._group_cold_start(target, plan, peer_models, uniform=False)
+    def cold_start_weights(self, target, plan, with_model):
+        return self._group_weights(target, plan, with_model, uniform=False)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
@@ -308,8 +316,8 @@ class Clustered(Strategy):
     def plan(self, contributions, similarity=None) -> Plan:
         return self._grouped_plan(contributions, similarity)
 
-    def cold_start(self, target, plan, peer_models):
-        return self._group_cold_start(target, plan, peer_models, uniform=True)
+    def cold_start_weights(self, target, plan, with_model):
+        return self._group_weights(target, plan, with_model, uniform=True)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)

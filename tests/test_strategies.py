@@ -287,22 +287,36 @@ def test_cold_start_takes_the_groups_current_models(planted):
     base, contribs = planted
     gen = torch.Generator().manual_seed(7)
     models = {k: make_sd(gen, scale=1.0) for k in range(4)}  # the clients' current θ̄
-    plan = get_strategy("fedbip", group_threshold=0.2).plan(contribs)
+    fedbip = get_strategy("fedbip", group_threshold=0.2)
+    plan = fedbip.plan(contribs)
     assert plan.groups == [0, 0, 1, 1]
-    # client 1 is new: its group is client 0 alone among the ones with a model
-    peers = {k: models[k] for k in (0, 2, 3)}
-    out, weights = get_strategy("fedbip", group_threshold=0.2).cold_start(1, plan, peers)
-    assert weights == {0: 1.0}
-    assert_sd_close(out, models[0])
+    # client 1 is new: of its group, only client 0 has a model
+    assert fedbip.cold_start_weights(1, plan, {0, 2, 3}) == {0: 1.0}
+    # its first θ̄: client 0's model plus its own update, whole
+    out = fedbip.cold_start(1, contribs, {0: 1.0}, {0: models[0]})
+    assert_sd_close(out, add_scaled(models[0], [contribs[1].task_vector], [1.0]))
+    # similarity weights over the group, clipped at 0 and normalized
+    three = Plan(
+        similarity=torch.tensor(
+            [[1, 0.3, 0.1, -0.2], [0.3, 1, 0, 0], [0.1, 0, 1, 0], [-0.2, 0, 0, 1]],
+            dtype=torch.float64,
+        ),
+        groups=[0, 0, 0, 0],
+    )
+    assert fedbip.cold_start_weights(0, three, {1, 2, 3}) == pytest.approx({1: 0.75, 2: 0.25})
     # clustered: uniform over the group; fedavg: every client's model (the global one)
-    _, w = get_strategy("clustered", group_threshold=0.2).cold_start(3, plan, models)
-    assert w == {2: 1.0}
-    out, w = get_strategy("fedavg").cold_start(3, plan, models)
-    assert w == pytest.approx({0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
-    assert_sd_close(out, {k: (models[0][k] + models[1][k] + models[2][k]) / 3 for k in out})
+    assert get_strategy("clustered").cold_start_weights(0, three, {1, 2, 3}) == pytest.approx(
+        {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}
+    )
+    assert get_strategy("fedavg").cold_start_weights(3, plan, {0, 1, 2}) == pytest.approx(
+        {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}
+    )
     # no collaboration, or no similar peer with a model: the usual rule
-    assert get_strategy("local").cold_start(1, plan, peers) is None
-    assert get_strategy("fedbip", group_threshold=0.2).cold_start(1, plan, {2: models[2]}) is None
+    assert get_strategy("local").cold_start_weights(1, plan, {0, 2, 3}) is None
+    assert get_strategy("fedamp_raw").cold_start_weights(1, plan, {0, 2, 3}) is None
+    assert fedbip.cold_start_weights(1, plan, {2, 3}) is None
     opposed = torch.full((4, 4), -0.5, dtype=torch.float64).fill_diagonal_(1.0)
     anti = Plan(similarity=opposed, groups=[0, 0, 0, 0])
-    assert get_strategy("fedbip").cold_start(1, anti, peers) is None
+    assert fedbip.cold_start_weights(1, anti, {0, 2, 3}) is None
+    with pytest.raises(ValueError, match="sum to 1"):
+        fedbip.cold_start(1, contribs, {0: 0.5}, {0: models[0]})
