@@ -91,15 +91,15 @@ class BenchPlan:
     z_grid: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, NO_GROUPING_Z)
 
 
-QUICK = BenchPlan(
+QUICK = BenchPlan(  # every strategy in under 10 minutes on 2 cores: a smoke run, not a result
     seeds=(0,),
     rounds=2,
     train_per_client=32,
-    test_per_client=64,
-    validation=24,
-    round_eval_examples=32,
-    generalization_examples=16,
-    global_examples=32,
+    test_per_client=32,
+    validation=16,
+    round_eval_examples=16,
+    generalization_examples=8,
+    global_examples=16,
     demo_clients=6,
 )
 

@@ -823,7 +823,7 @@ def bench() -> None:
     help="default: all of a client's training records (demo 64); quick 32",
 )
 @click.option(
-    "--test-per-client", type=int, default=None, help="0: the whole test split (default; quick 64)"
+    "--test-per-client", type=int, default=None, help="0: the whole test split (default; quick 32)"
 )
 @click.option(
     "--generalization-examples",
@@ -849,7 +849,11 @@ def bench() -> None:
     help="a fixed grouping threshold for fedbip/fedbip_layerwise/clustered instead of the "
     "one chosen on validation; <= -1: one group of all clients, the paper's setting",
 )
-@click.option("--quick", is_flag=True, help="one seed, 2 rounds, subsets: a few minutes")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="one seed, 2 rounds, small subsets: every strategy in under 10 minutes",
+)
 @click.option("--out", "out_dir", default=None, help="report folder (default: FEDVEC_HOME/bench)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.pass_context
