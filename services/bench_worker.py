@@ -133,11 +133,13 @@ class BareModel:
 
 
 def load_bare_model(settings: Settings, device: str) -> BareModel:
-    """MiniLM + a one-score head + LoRA, the way a user would set it up by hand, with the
-    settings fedvec's worker uses (so both train the same parameters)."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """MiniLM mean-pooled into a one-score head + LoRA, the way a user would set it up by
+    hand, with the settings fedvec's worker uses (so both train the same parameters)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from workers.pair_scorer import PairScorer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
     hf_logging.disable_progress_bar()  # no "Loading weights" bar among the figures
@@ -146,8 +148,8 @@ def load_bare_model(settings: Settings, device: str) -> BareModel:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            base = AutoModelForSequenceClassification.from_pretrained(
-                settings.model_path, num_labels=1
+            base = PairScorer(
+                AutoModel.from_pretrained(settings.model_path, add_pooling_layer=False)
             )
             if settings.base_dropout >= 0:  # fedvec's default: no dropout in the base
                 for module in base.modules():
@@ -158,7 +160,7 @@ def load_bare_model(settings: Settings, device: str) -> BareModel:
                 lora_alpha=settings.lora_alpha,
                 lora_dropout=settings.lora_dropout,
                 target_modules=settings.target_modules,
-                task_type=TaskType.SEQ_CLS,  # the head is trained too
+                modules_to_save=["classifier"],  # the head is trained too
             )
             model = get_peft_model(base, config)
     finally:
