@@ -482,7 +482,7 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
             (
                 "chosen on validation records (never the test split)",
                 f"grouping threshold {_z(calibration.get('group_threshold_z'))} (adjusted Rand "
-                f"index of the first round's groups against the tasks: {aris}); the late "
+                f"index against the tasks, mean over rounds of local training: {aris}); the late "
                 f"client's task {calibration.get('new_client_task')} (balanced accuracy over "
                 f"chance after local training: {gains})",
             )
