@@ -202,6 +202,17 @@ class Evaluator:
         return self.runtime.evaluate(examples)
 
 
+def choose_z(score: dict[float, float]) -> float:
+    """The z with the best score; among ties, the middle one of the tied values (lower
+    middle for an even count), away from both edges of the plateau: its smallest value is
+    one step from merging what it should not, its largest from splitting what it should
+    not. The every-client-alone value counts only when nothing finite ties with it."""
+    best = max(round(v, 9) for v in score.values())
+    tied = sorted(z for z, v in score.items() if round(v, 9) == best)
+    finite = [z for z in tied if z < NO_GROUPING_Z] or tied
+    return finite[(len(finite) - 1) // 2]
+
+
 def calibrate(
     settings: Settings, plan: BenchPlan, clients: Clients, evaluator: Evaluator, echo: Echo
 ) -> dict[str, Any]:
@@ -210,7 +221,7 @@ def calibrate(
     - the grouping threshold: the z of `relative_threshold` in plan.z_grid whose groups
       agree best with the clients' tasks (adjusted Rand index, mean over rounds, of the
       similarity index that those task vectors give round by round, smoothed as the
-      aggregator smooths it; ties to the smaller z, which groups more);
+      aggregator smooths it; ties to the middle of the tied values, `choose_z`);
     - the late client's task: the one whose clients' adapters gain most over chance
       (balanced accuracy) on their validation records, i.e. a task local training learns."""
     runtime = evaluator.runtime
@@ -245,7 +256,7 @@ def calibrate(
             groups = threshold_groups(index, relative_threshold(index, z))
             ari[z].append(adjusted_rand_index(groups, tasks))
     mean_ari = {z: sum(v) / len(v) for z, v in ari.items()}
-    best_z = max(plan.z_grid, key=lambda z: (round(mean_ari[z], 9), -z))
+    best_z = choose_z(mean_ari)
     gain_by_task = {t: sum(g) / len(g) for t, g in gains.items()}
     learnable = max(gain_by_task, key=gain_by_task.get) if gain_by_task else tasks[0]
     return {

@@ -135,3 +135,13 @@ def test_flan8_six_multiple_choice_clients_read_in_place(tmp_path):
         labels = [ex.label for ex in train[:32]]
         assert max(labels.count(v) for v in set(labels)) <= 0.75 * len(labels), c.name
     assert not any(p.suffix == ".tmp" for p in FLAN8.iterdir())  # read, never written
+
+
+def test_the_threshold_is_chosen_in_the_middle_of_the_best_plateau():
+    from services.bench_quality import NO_GROUPING_Z, choose_z
+
+    # flan8's calibration: every value from 1.5 up, and "alone", group nothing: ARI 1
+    score = {1.0: 0.0, 1.5: 1.0, 2.0: 1.0, 2.5: 1.0, 3.0: 1.0, 4.0: 1.0, NO_GROUPING_Z: 1.0}
+    assert choose_z(score) == 2.5
+    assert choose_z({1.0: 0.2, 2.0: 0.9, 3.0: 0.4, NO_GROUPING_Z: 0.0}) == 2.0
+    assert choose_z({1.0: 0.1, NO_GROUPING_Z: 1.0}) == NO_GROUPING_Z
