@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from aggregator.service import Aggregator
-from workers.celery_app import AGGREGATE_TASK, app, retry_or_fail
+from services.celery_app import AGGREGATE_TASK, app, retry_or_fail
 
 _aggregator: Aggregator | None = None
 

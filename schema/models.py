@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -23,6 +24,29 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UpdateStatus(StrEnum):
+    """An update's life: STORED -> AGGREGATED | REJECTED | QUARANTINED (a likely poisoned
+    update, kept apart) | SUPERSEDED (a newer update of its client was aggregated first);
+    FAILED: the worker gave up (no objects referenced). A StrEnum: the column holds the
+    plain string, and members compare equal to it."""
+
+    STORED = "stored"
+    AGGREGATED = "aggregated"
+    SUPERSEDED = "superseded"
+    REJECTED = "rejected"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+
+
+# the statuses an update keeps for good (nothing more happens to it)
+FINAL_STATUSES = tuple(s for s in UpdateStatus if s is not UpdateStatus.STORED)
+
+
+class RoundStatus(StrEnum):
+    TRAINING = "training"
+    AGGREGATED = "aggregated"
 
 
 class Base(DeclarativeBase):
@@ -55,7 +79,7 @@ class Round(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     participants: Mapped[list[int]] = mapped_column(JSON)
     strategy: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="training")  # training|aggregated
+    status: Mapped[str] = mapped_column(String(16), default=RoundStatus.TRAINING.value)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     aggregated_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
@@ -70,10 +94,7 @@ class Update(Base):
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id"), index=True)
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"), nullable=True)
     base_version: Mapped[int] = mapped_column(Integer)  # θ̄ version it started from
-    # stored -> aggregated | rejected | quarantined (a likely poisoned update, kept apart)
-    # | superseded (a newer update of the client was aggregated first; never aggregated);
-    # failed: the worker gave up (no objects referenced)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # an UpdateStatus
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     adapter_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     adapter_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -114,7 +114,7 @@ def run_latency_bench(
             name = c.name if clients <= len(demo) else f"{c.name}-{uuid.uuid4().hex[:4]}"
             ops.enroll(s, name, c.train_path, task=c.task)
         enrolled = ops.resolve_clients(s, [], all_=True)
-        from workers.celery_app import make_app
+        from services.celery_app import make_app
 
         send = make_app(s).send_task
         logs = out_dir / "logs"

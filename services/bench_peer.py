@@ -326,7 +326,7 @@ def run_fedvec(
     profiling = ExitStack()
     files: dict[str, Path] = {}
     with processes.service(s, home / "logs", workers=plan.workers) as procs, profiling:
-        from workers.celery_app import make_app
+        from services.celery_app import make_app
 
         send = make_app(s).send_task
 

@@ -199,7 +199,7 @@ def run_once(
     from tqdm import tqdm
 
     from aggregator.service import Aggregator
-    from workers.celery_app import AGGREGATE_TASK, TRAIN_TASK
+    from services.celery_app import AGGREGATE_TASK, TRAIN_TASK
     from workers.model import get_runtime
     from workers.tasks import run_evaluation, run_training
 

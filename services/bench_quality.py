@@ -382,7 +382,7 @@ def run_strategy(
         )
 
     with processes.service(s, home / "logs", workers=plan.workers):
-        from workers.celery_app import make_app
+        from services.celery_app import make_app
 
         send = make_app(s).send_task
         for r in range(1, plan.rounds + 1):

@@ -242,7 +242,7 @@ def _store_update(
 ) -> tuple[str, str]:
     """What a worker does after training: objects, then the signed row, then the event.
     Returns (update uid, event id)."""
-    from workers.celery_app import AGGREGATE_TASK
+    from services.celery_app import AGGREGATE_TASK
 
     cid = pop.ids[client_index]
     uid = str(uuid.uuid4())
@@ -304,7 +304,7 @@ def _producer(
 ) -> None:
     """Update i goes out at t0 + i / rate (a fixed schedule: a slow write is caught up,
     not skipped); clients take turns in a shuffled order."""
-    from workers.celery_app import make_app
+    from services.celery_app import make_app
 
     try:
         store = object_store(s)
@@ -474,7 +474,7 @@ def _drain(
     nothing moved for idle_s (what is left then will never come)."""
     from tqdm import tqdm
 
-    from workers.celery_app import AGGREGATE_QUEUE, queue_depths
+    from services.celery_app import AGGREGATE_QUEUE, queue_depths
 
     t = last_change = time.monotonic()
     last_done = -1
@@ -497,7 +497,7 @@ def _drain(
 def run_soak(
     settings: Settings, plan: SoakPlan, *, out_dir: Path, echo: Echo, show: bool = True
 ) -> dict[str, Any]:
-    from workers.celery_app import make_app
+    from services.celery_app import make_app
 
     # moto's S3 server runs in this process: one log line per request otherwise
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

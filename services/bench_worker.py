@@ -401,10 +401,10 @@ def finetune_overhead(
     from schema.events import TrainRequest
     from services import operations as ops
     from services import processes
+    from services.celery_app import make_app
     from services.client_data import load_examples
     from services.db import upgrade
     from services.demo_data import build_demo_clients
-    from workers.celery_app import make_app
 
     echo = progress.echo
     demo = build_demo_clients(

@@ -32,7 +32,7 @@ def _echo_json(data: Any) -> None:
 
 
 def _send(settings: Settings):  # noqa: ANN202 - celery's send_task
-    from workers.celery_app import make_app
+    from services.celery_app import make_app
 
     return make_app(settings).send_task
 
@@ -387,7 +387,7 @@ class _StatusSource:
         return f"status failed: {type(exc).__name__}: {exc}"
 
     def _queue_depths(self) -> tuple[dict[str, int | None], str | None]:
-        from workers.celery_app import make_app, queue_depths, queues_for_sites
+        from services.celery_app import make_app, queue_depths, queues_for_sites
 
         if self.app is None:
             self.app = make_app(self.settings)
@@ -630,8 +630,8 @@ def worker(ctx: click.Context, site: str | None, device: str | None, loglevel: s
     `--site SITE` is only ever trained by `fedvec worker --site SITE`, so its data never
     leaves that site's machines. At start-up it waits for the database (up to
     FEDVEC_STARTUP_TIMEOUT)."""
+    from services.celery_app import app, train_queue, worker_argv
     from services.metrics import serve
-    from workers.celery_app import app, train_queue, worker_argv
 
     settings = _settings(ctx)
     if site is not None:
@@ -657,8 +657,8 @@ def aggregator(ctx: click.Context, loglevel: str) -> None:
     consumes events; every FEDVEC_RECOVER_INTERVAL it picks up updates whose event never
     came."""
     from aggregator.tasks import get_aggregator
+    from services.celery_app import AGGREGATE_QUEUE, app, worker_argv
     from services.metrics import serve
-    from workers.celery_app import AGGREGATE_QUEUE, app, worker_argv
 
     settings = _settings(ctx)
     import torch

@@ -100,7 +100,7 @@ def run_strategy(
 
 
 def _sender(settings: Settings) -> Callable[..., Any]:
-    from workers.celery_app import make_app
+    from services.celery_app import make_app
 
     return make_app(settings).send_task
 

@@ -102,13 +102,13 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 class DatabaseCollector(Collector):
     def __init__(self, settings: Settings) -> None:
-        from workers.celery_app import make_app
+        from services.celery_app import make_app
 
         self.settings = settings
         self.app = make_app(settings)  # once: a scrape only opens a broker connection
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from workers.celery_app import queue_depths, queues_for_sites
+        from services.celery_app import queue_depths, queues_for_sites
 
         try:
             with session_scope(self.settings.resolved_database_url) as s:

@@ -166,7 +166,7 @@ def start_round(settings: Settings, clients: list[Client], send: Callable[..., A
 
 def send_train(send: Callable[..., Any], req: TrainRequest, *, site: str) -> None:
     """To the queue of the client's site: only workers there read its data."""
-    from workers.celery_app import TRAIN_TASK, train_queue
+    from services.celery_app import TRAIN_TASK, train_queue
 
     send(TRAIN_TASK, args=[req.to_dict()], queue=train_queue(site))
 
@@ -250,7 +250,7 @@ def evaluate(
     timeout: float = 600,
     show: bool = True,
 ) -> list[dict[str, Any]]:
-    from workers.celery_app import EVALUATE_TASK, train_queue
+    from services.celery_app import EVALUATE_TASK, train_queue
 
     missing = [c.name for c in clients if not c.test_path]
     if missing:

@@ -28,6 +28,7 @@ from schema.models import PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import operations as ops
 from services import processes
+from services.celery_app import AGGREGATE_TASK, make_app, queue_depths, train_queue
 from services.client_data import ClientSpec
 from services.context import object_store
 from services.db import session_scope, upgrade
@@ -35,7 +36,6 @@ from services.demo_data import build_demo_clients
 from services.s3_server import start_s3_server
 from services.settings import Settings
 from tests.conftest import create_postgres_database, redis_broker_url, service_settings
-from workers.celery_app import AGGREGATE_TASK, make_app, queue_depths, train_queue
 
 pytestmark = pytest.mark.slow
 

@@ -21,6 +21,7 @@ from schema.models import (
 from services import adapter_store as ads
 from services import operations as ops
 from services import processes
+from services.celery_app import make_app
 from services.client_data import load_examples
 from services.context import object_store
 from services.db import session_scope, upgrade
@@ -34,7 +35,6 @@ from tests.conftest import (
     redis_broker_url,
     unavailable,
 )
-from workers.celery_app import make_app
 from workers.model import ModelRuntime, load_base_model
 
 pytestmark = pytest.mark.slow

@@ -50,6 +50,7 @@ from schema.models import PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import operations as ops
 from services import processes
+from services.celery_app import AGGREGATE_TASK, make_app
 from services.cli import cli
 from services.context import object_store
 from services.db import session_scope, upgrade
@@ -64,7 +65,6 @@ from tests.conftest import (
     unavailable,
 )
 from tests.test_aggregator_service import Harness, direction
-from workers.celery_app import AGGREGATE_TASK, make_app
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ from prometheus_client import REGISTRY
 from schema.events import TrainRequest
 from services import metrics
 from services import operations as ops
+from services.celery_app import retry_or_fail
 from services.object_store import ObjectStore
 from tests import test_causal_lm as causal
 from tests.test_aggregator_service import Harness, direction, mix
-from workers.celery_app import retry_or_fail
 
 
 def value(name: str, **labels: str) -> float:

@@ -42,6 +42,7 @@ from schema.models import PersonalizedAdapter, Update
 from services import adapter_store as ads
 from services import operations as ops
 from services import processes
+from services.celery_app import AGGREGATE_TASK, make_app
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
@@ -54,7 +55,6 @@ from tests.conftest import (
     service_settings,
     unavailable,
 )
-from workers.celery_app import AGGREGATE_TASK, make_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "infra/prometheus"

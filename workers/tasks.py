@@ -27,13 +27,13 @@ from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, 
 from schema.models import Client, Evaluation, PersonalizedAdapter, Update
 from services import adapter_store as ads
 from services import metrics
+from services.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
 from services.client_data import load_examples
 from services.context import object_store
 from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
 from services.signing import secret_for, sign, signing_key
-from workers.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
 from workers.model import ModelRuntime, TrainResult, get_runtime, lora_config, metric_name
 
 log = logging.getLogger(__name__)
