@@ -4,22 +4,18 @@ aggregator as child processes), with the same clients, seed and compute budget."
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from services import operations as ops
-from services import processes
 from services.client_data import ClientSpec
-from services.db import upgrade
+from services.console import Echo
+from services.console import table as _table
 from services.demo_data import build_demo_clients
+from services.federation import fresh_federation, running
 from services.flan_data import FlanClients, build_flan_clients
 from services.settings import Settings
-from services.tables import table as _table
-
-Echo = Callable[[str], None]
 
 
 def demo_clients(
@@ -63,32 +59,16 @@ def run_strategy(
     echo: Echo,
     timeout: float = 1800,
 ) -> dict[str, Any]:
-    if home.exists():
-        shutil.rmtree(home)
-    s = settings.replace(
-        home=str(home), strategy=strategy, database_url="", object_store_url="", broker_url=""
-    )
     t0 = time.perf_counter()
-    upgrade(s.resolved_database_url)
-    for c in clients:
-        ops.enroll(s, c.name, c.train_path, test=c.test_path, task=c.task)
+    s = fresh_federation(settings, home, clients, strategy=strategy)
     enrolled = ops.resolve_clients(s, [], all_=True)
-    with processes.service(s, home / "logs") as procs:
-        send = _sender(s)
-
-        def alive() -> None:
-            dead = [p.args[-1] for p in procs if p.poll() is not None]
-            if dead:
-                raise ops.OperationError(
-                    f"a fedvec process exited; see the logs in {home / 'logs'}"
-                )
-
+    with running(s, home / "logs") as service:
         for r in range(1, rounds + 1):
-            round_id = ops.start_round(s, enrolled, send)
-            _wait(lambda rid=round_id: ops.wait_round(s, rid, timeout=timeout), alive)
+            round_id = ops.start_round(s, enrolled, service.send)
+            service.wait(lambda rid=round_id: ops.wait_round(s, rid, timeout=timeout))
             echo(f"  [{strategy}] round {r}/{rounds} aggregated ({time.perf_counter() - t0:.0f}s)")
-        alive()
-        evals = ops.evaluate(s, enrolled, send, timeout=timeout)
+        service.alive()
+        evals = ops.evaluate(s, enrolled, service.send, timeout=timeout)
     return {
         "strategy": strategy,
         "seconds": time.perf_counter() - t0,
@@ -97,21 +77,6 @@ def run_strategy(
         "groups": ops.group_of(s),
         "home": str(home),
     }
-
-
-def _sender(settings: Settings) -> Callable[..., Any]:
-    from services.celery_app import make_app
-
-    return make_app(settings).send_task
-
-
-def _wait(wait: Callable[[], None], alive: Callable[[], None]) -> None:
-    """Wait, but fail fast when a child process died instead of timing out."""
-    try:
-        wait()
-    except ops.OperationError:
-        alive()
-        raise
 
 
 def run_demo(

@@ -10,7 +10,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from services import bench_peer
+from services.bench import peer as bench_peer
 from services.cli import cli
 
 

@@ -11,7 +11,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from services.bench_poison import ATTACKS, QUICK, poison_clients
+from services.bench.poison import ATTACKS, QUICK, poison_clients
 from services.cli import cli
 from services.processes import settings_env
 from services.settings import load_settings

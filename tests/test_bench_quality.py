@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from services.bench_quality import BenchPlan, run_quality_bench
+from services.bench.quality import BenchPlan, run_quality_bench
 from services.settings import load_settings
 
 pytestmark = pytest.mark.slow

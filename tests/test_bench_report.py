@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.bench_report import QualityData, read_csv, write_report
+from services.bench.report import QualityData, read_csv, write_report
 
 STRATEGIES = ["local", "fedavg", "fedamp_raw", "fedbip", "fedbip_layerwise", "clustered"]
 TASKS = ["definite_pronoun_resolution", "snli", "cola", "glue_qqp", "trec", "wic"]

@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from aggregator.sketch import normalize, sketch
-from services.bench_scale import Planted, agreement, percentile
+from services.bench.common import percentile
+from services.bench.scale import Planted, agreement
 from services.cli import cli
 
 SMALL = ["--quick", "--clients", "60,150", "--dims", "5000,20000", "--sketch-dim", "4096"]

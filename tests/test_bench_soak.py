@@ -9,7 +9,7 @@ import json
 
 from click.testing import CliRunner
 
-from services.bench_soak import BAD_KINDS, QUICK, bad_kind, memory_summary, slope_per_minute
+from services.bench.soak import BAD_KINDS, QUICK, bad_kind, memory_summary, slope_per_minute
 from services.cli import cli
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, redis_broker_url
 

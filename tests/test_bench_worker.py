@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from transformers import LlamaConfig
 
 from services import adapter_store as ads
-from services.bench_worker import (
+from services.bench.worker import (
     MIB,
     _log_times,
     _parts,

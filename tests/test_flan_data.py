@@ -138,7 +138,7 @@ def test_flan8_six_multiple_choice_clients_read_in_place(tmp_path):
 
 
 def test_the_threshold_is_chosen_in_the_middle_of_the_best_plateau():
-    from services.bench_quality import NO_GROUPING_Z, choose_z
+    from services.bench.quality import NO_GROUPING_Z, choose_z
 
     # flan8's calibration: every value from 1.5 up, and "alone", group nothing: ARI 1
     score = {1.0: 0.0, 1.5: 1.0, 2.0: 1.0, 2.5: 1.0, 3.0: 1.0, 4.0: 1.0, NO_GROUPING_Z: 1.0}

@@ -20,7 +20,7 @@ from safetensors.torch import save as st_save
 
 from services import adapter_store as ads
 from services import object_store
-from services.bench_worker import MIB, minilm_lora_state, synthetic_state
+from services.bench.common import MIB, minilm_lora_state, synthetic_state
 from services.object_store import (
     LocalFolderStore,
     ObjectNotFound,

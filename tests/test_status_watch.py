@@ -163,10 +163,10 @@ def test_watch_survives_an_outage_that_starts_after_it_began(postgres_url, embed
         admin.dispose()
         real_sleep(seconds)
 
-    import services.cli
+    import services.cli.observe
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(services.cli.time, "sleep", drop_after_first_frame)
+        mp.setattr(services.cli.observe.time, "sleep", drop_after_first_frame)
         result = run(settings, "status", "--json", "--watch", "--count", "2", "--interval", "0.1")
     assert result.exit_code == 0, result.output
     first, second = (json.loads(line) for line in result.output.splitlines())

@@ -147,6 +147,13 @@ def load_causal_lm(
     return model
 
 
+def training_seed(settings: Settings, client_id: int, version: int) -> int:
+    """The seed of a client's update trained from its personalized version `version`: fixed by
+    the run's seed, the client and the version, so a redelivered task trains the same bytes
+    and a benchmark can replay exactly what the worker did."""
+    return settings.seed * 1_000_003 + client_id * 1009 + version
+
+
 def initial_adapter(peft_state: StateDict, seed: int) -> StateDict:
     """The adapter every client starts from, the same on every worker and device:
     LoRA A Kaiming-uniform and B zero (as peft does), the head N(0, 0.02) and bias 0,

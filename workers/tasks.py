@@ -34,7 +34,14 @@ from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
 from services.signing import secret_for, sign, signing_key
-from workers.model import ModelRuntime, TrainResult, get_runtime, lora_config, metric_name
+from workers.model import (
+    ModelRuntime,
+    TrainResult,
+    get_runtime,
+    lora_config,
+    metric_name,
+    training_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +132,7 @@ def run_training(
         ensure_initial_adapter(store, runtime, settings)
         examples = load_examples(data_path)
         start = load_current(store, settings, current)
-        seed = settings.seed * 1_000_003 + req.client_id * 1009 + current.version
+        seed = training_seed(settings, req.client_id, current.version)
         every = max(1, runtime.planned_steps(len(examples)) // 4)
 
         def progress(step: int, total: int, loss: float) -> None:

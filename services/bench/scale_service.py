@@ -1,7 +1,7 @@
 """The service part of `fedvec bench scale`: what `Aggregator.handle` costs per update event
 at N enrolled clients with FEDVEC_AGGREGATE_PEERS = m, on a real database.
 
-The cells of `services/bench_scale.py` time the math at real sizes d; this part times
+The cells of `services/bench/scale.py` time the math at real sizes d; this part times
 everything around it: reading the N latest update ids, bringing the sketch index up to date,
 the similarity row over N sketches of the real size k, regrouping, loading the client's and
 its peers' vectors, writing edges, groups and the personalized adapter's row and object.
@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,12 @@ from aggregator.sketch import sketch_state_dict, to_bytes
 from schema.events import UpdateStored
 from schema.models import Client, Update
 from services import adapter_store as ads
-from services.bench_latency import percentile, scratch_postgres
+from services.bench.common import percentile, scratch_postgres
+from services.console import Echo
 from services.context import object_store
 from services.db import redact_url, session_scope, upgrade
 from services.settings import Settings
 
-Echo = Callable[[str], None]
 SHAPES = {
     "base_model.model.layer.0.query.lora_A.weight": (8, 32),
     "base_model.model.layer.0.query.lora_B.weight": (32, 8),

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,13 +52,13 @@ from schema.models import Client, PersonalizedAdapter, Update
 from services import adapter_store as ads
 from services import operations as ops
 from services.client_data import ClientSpec, load_examples, write_jsonl
+from services.console import Echo
+from services.console import table as _table
 from services.context import object_store
-from services.db import session_scope, upgrade
+from services.db import session_scope
 from services.demo_data import DEMO_CLIENTS, build_demo_clients
+from services.federation import fresh_federation
 from services.settings import Settings
-from services.tables import table as _table
-
-Echo = Callable[[str], None]
 
 ATTACKS = ("scaled", "flipped")
 SCALE = 50.0  # the `scaled` attack's factor, as in tests/test_aggregator_service.py
@@ -203,17 +202,9 @@ def run_once(
     from workers.model import get_runtime
     from workers.tasks import run_evaluation, run_training
 
-    if home.exists():
-        shutil.rmtree(home)
-    s = settings.replace(
-        home=str(home), strategy=strategy, database_url="", object_store_url="", broker_url=""
-    )
-    if not screening:
-        s = s.replace(outlier_norm_ratio=0.0, outlier_flip_cosine=0.0)
     t0 = time.perf_counter()
-    upgrade(s.resolved_database_url)
-    for c in clients:
-        ops.enroll(s, c.name, c.train_path, test=c.test_path, task=c.task)
+    off = {} if screening else {"outlier_norm_ratio": 0.0, "outlier_flip_cosine": 0.0}
+    s = fresh_federation(settings, home, clients, strategy=strategy, **off)
     victim = clients[0]
     if attack is not None:
         # a client like any other: enrolled with data (the victim's, so its claimed size is

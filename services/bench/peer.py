@@ -61,16 +61,14 @@ from aggregator.task_vectors import StateDict, flatten, task_vector
 from schema.models import Update
 from services import adapter_store as ads
 from services import operations as ops
-from services import processes
-from services.bench_quality import _latest, git_commit
+from services.bench.common import git_commit, latest_states
 from services.client_data import ClientSpec, load_examples
+from services.console import Echo, table
 from services.context import object_store
-from services.db import session_scope, upgrade
+from services.db import session_scope
 from services.demo import demo_clients
+from services.federation import fresh_federation, running
 from services.settings import Settings
-from services.tables import table
-
-Echo = Callable[[str], None]
 
 FLOWER_MISSING = (
     "Flower is not installed: `fedvec bench peer` needs the bench extra, "
@@ -201,12 +199,6 @@ def flower_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("flwr", "ray"))
 
 
-def worker_seed(settings: Settings, client_id: int, version: int) -> int:
-    """The training seed of fedvec's worker (workers/tasks.py run_training) for a client's
-    update from personalized version `version` (round r trains from version r − 1)."""
-    return settings.seed * 1_000_003 + client_id * 1009 + version
-
-
 def run_settings(settings: Settings, plan: PeerPlan, home: Path) -> Settings:
     return settings.replace(
         home=str(home),
@@ -312,28 +304,16 @@ def run_fedvec(
 ) -> tuple[SideResult, dict[str, int]]:
     """The real service, synchronous rounds with strategy fedavg; returns the result and
     the clients' database ids (which seed their training)."""
-    if home.exists():
-        shutil.rmtree(home)
-    s = run_settings(settings, plan, home)
     t0 = time.perf_counter()
-    upgrade(s.resolved_database_url)
-    for c in clients:
-        ops.enroll(s, c.name, c.train_path, test=c.test_path, task=c.task)
+    s = fresh_federation(run_settings(settings, plan, home), home, clients)
     enrolled = ops.resolve_clients(s, [], all_=True)
     ids = {c.name: c.id for c in enrolled}
     round_s: list[float] = []
     round_ids: list[int] = []
     profiling = ExitStack()
     files: dict[str, Path] = {}
-    with processes.service(s, home / "logs", workers=plan.workers) as procs, profiling:
-        from services.celery_app import make_app
-
-        send = make_app(s).send_task
-
-        def alive() -> None:
-            # fail fast, instead of at the timeout, when a worker or the aggregator died
-            if any(p.poll() is not None for p in procs):
-                raise ops.OperationError(f"a fedvec process exited; see {home / 'logs'}")
+    with running(s, home / "logs", workers=plan.workers) as service, profiling:
+        send, alive, procs = service.send, service.alive, service.procs
 
         for r in range(1, plan.rounds + 1):
             if profile is not None and r == 2:  # steady state: after start-up and loading
@@ -372,7 +352,7 @@ def run_fedvec(
             sum(u.duration_s or 0.0 for u in updates if u.round_id == rid) for rid in round_ids
         ]
         steps = max(u.steps or 0 for u in updates)
-    personalized, _, _ = _latest(s)
+    personalized, _, _ = latest_states(s)
     initial = ads.get_state(object_store(s), ads.INITIAL_ADAPTER_KEY, max_bytes=s.max_adapter_bytes)
     result = SideResult(
         framework="fedvec",
@@ -411,14 +391,15 @@ def flower_train(message: Any, context: Any) -> Any:
     """The ClientApp's train: fedvec's ModelRuntime.train from the global adapter."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-    from workers.model import get_runtime
+    from workers.model import get_runtime, training_seed
 
     settings, client = _spec(message, context)
     server_round = int(message.content["config"]["server-round"])
     runtime = get_runtime(settings)
     examples = load_examples(client["train"])
     start = _arrays_to_state(message.content["arrays"])
-    seed = worker_seed(settings, client["id"], server_round - 1)
+    # what fedvec's worker uses for round r, which trains from version r − 1
+    seed = training_seed(settings, client["id"], server_round - 1)
     result = runtime.train(start, examples, seed=seed)
     metrics = MetricRecord(
         {

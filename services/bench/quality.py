@@ -1,6 +1,6 @@
 """`fedvec bench quality`: every strategy through the real service (embedded: SQLite, a
 local object store, the folder broker, real worker and aggregator processes) on the same
-clients, seeds and compute budget, then a report (services/bench_report.py).
+clients, seeds and compute budget, then a report (services/bench/report.py).
 
 The clients: any FLAN-format folder (`--data-dir`, default FEDVEC_FLAN8_DIR; its
 multiple-choice clients, optionally cut into `--shards N` data-scarce clients per task), or
@@ -27,10 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,20 +40,20 @@ from aggregator.aggregation import size_weights
 from aggregator.grouping import adjusted_rand_index, relative_threshold, threshold_groups
 from aggregator.similarity import cosine_matrix, smoothed_similarity
 from aggregator.task_vectors import StateDict, add_scaled, flatten, task_vector
-from schema.models import Client, PersonalizedAdapter, Update
+from schema.models import Client, Update
 from services import adapter_store as ads
 from services import operations as ops
-from services import processes
-from services.bench_report import QualityData, write_report
+from services.bench.common import git_commit, latest_states
+from services.bench.report import QualityData, write_report
 from services.client_data import ClientSpec, Example, load_examples, write_jsonl
+from services.console import Echo
 from services.context import object_store
-from services.db import session_scope, upgrade
+from services.db import session_scope
 from services.demo import flan_clients
 from services.demo_data import build_demo_clients
+from services.federation import fresh_federation, running
 from services.settings import Settings
 from workers.model import Scores, initial_adapter
-
-Echo = Callable[[str], None]
 
 STRATEGIES = ("local", "fedavg", "fedamp_raw", "fedbip", "fedbip_layerwise", "clustered")
 GROUPING = ("fedbip", "fedbip_layerwise", "clustered")
@@ -102,23 +99,6 @@ QUICK = BenchPlan(  # every strategy in under 10 minutes on 2 cores: a smoke run
     global_examples=16,
     demo_clients=6,
 )
-
-
-def git_commit() -> str:
-    """The commit the benchmark ran from, marked when tracked files were changed."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted changes" if dirty else "")
 
 
 @dataclass
@@ -268,34 +248,6 @@ def calibrate(
     }
 
 
-def _latest(settings: Settings) -> tuple[dict[str, StateDict], dict[str, StateDict], dict]:
-    """Per client name: its latest personalized adapter and its latest trained adapter
-    (θ_k) with its example count."""
-    store = object_store(settings)
-    limit = settings.max_adapter_bytes
-    personalized: dict[str, StateDict] = {}
-    trained: dict[str, StateDict] = {}
-    sizes: dict[str, int] = {}
-    with session_scope(settings.resolved_database_url) as s:
-        names = dict(s.execute(select(Client.id, Client.name)).tuples().all())
-        newest = select(func.max(PersonalizedAdapter.id)).group_by(PersonalizedAdapter.client_id)
-        for row in s.scalars(select(PersonalizedAdapter).where(PersonalizedAdapter.id.in_(newest))):
-            personalized[names[row.client_id]] = ads.get_state(
-                store, row.key, max_bytes=limit, expected_sha256=row.sha256
-            )
-        newest_u = (
-            select(func.max(Update.id))
-            .where(Update.status == "aggregated")
-            .group_by(Update.client_id)
-        )
-        for u in s.scalars(select(Update).where(Update.id.in_(newest_u))):
-            trained[names[u.client_id]] = ads.get_state(
-                store, u.adapter_key, max_bytes=limit, expected_sha256=u.adapter_sha256
-            )
-            sizes[names[u.client_id]] = u.num_examples
-    return personalized, trained, sizes
-
-
 def round_one_similarity(
     settings: Settings, evaluator: Evaluator, clients: list[ClientSpec]
 ) -> dict[str, Any]:
@@ -340,22 +292,15 @@ def run_strategy(
 ) -> tuple[list[dict[str, Any]], list[dict[str, int]], dict[str, Any] | None]:
     """One strategy and seed; returns the result rows, the groups after each round (grouping
     strategies) and, with keep_similarity, the round-1 similarity matrices."""
-    if home.exists():
-        shutil.rmtree(home)
-    home.mkdir(parents=True)  # the engine of this database URL may be cached already
-    s = settings.replace(
-        home=str(home),
+    s = fresh_federation(
+        settings,
+        home,
+        clients,
         strategy=strategy,
         seed=seed,
         lora_init_seed=seed,
-        database_url="",
-        object_store_url="",
-        broker_url="",
         torch_threads=1,  # one core per worker
     )
-    upgrade(s.resolved_database_url)
-    for c in clients:
-        ops.enroll(s, c.name, c.train_path, test=c.test_path, task=c.task)
     enrolled = ops.resolve_clients(s, [], all_=True)
     task_of = {c.name: c.task for c in clients}
     rows: list[dict[str, Any]] = []
@@ -381,10 +326,8 @@ def run_strategy(
             }
         )
 
-    with processes.service(s, home / "logs", workers=plan.workers):
-        from services.celery_app import make_app
-
-        send = make_app(s).send_task
+    with running(s, home / "logs", workers=plan.workers) as service:
+        send = service.send
         for r in range(1, plan.rounds + 1):
             rid = ops.start_round(s, enrolled, send)
             ops.wait_round(s, rid, timeout=3600, show=False)
@@ -407,7 +350,7 @@ def run_strategy(
             elapsed = time.perf_counter() - t0
             echo(f"  seed {seed} {strategy}: round {r}/{plan.rounds} ({elapsed:.0f}s)")
 
-        personalized, trained, sizes = _latest(s)
+        personalized, trained, sizes = latest_states(s)
         # the new client: enrolled now, one round of its own, its first personalized adapter
         ops.enroll(s, late.name, late.train_path, test=late.test_path, task=late.task)
         (newcomer,) = ops.resolve_clients(s, [late.name])

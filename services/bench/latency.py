@@ -15,55 +15,25 @@ loopback (installed with the test extra).
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from schema.events import TrainRequest
 from schema.models import PersonalizedAdapter, Update
 from services import operations as ops
 from services import processes
-from services.db import get_engine, session_scope, upgrade
+from services.bench.common import LOCAL_REDIS, percentile, scratch_postgres
+from services.console import Echo
+from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
 from services.settings import Settings
-
-Echo = Callable[[str], None]
-
-LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-LOCAL_REDIS = "redis://127.0.0.1:6379/14"
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sequence: the smallest value
-    with at least q % of the values at or below it."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
-@contextmanager
-def scratch_postgres(admin_url: str = LOCAL_POSTGRES) -> Iterator[str]:
-    """A fresh PostgreSQL database on admin_url's server for one benchmark run (its url),
-    dropped afterwards."""
-    name = f"fedvec_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager

@@ -45,14 +45,13 @@ from typing import Any
 
 import torch
 
+from services.bench.common import MIB, minilm_lora_state, synthetic_state
 from services.client_data import Example
+from services.console import Echo
 from services.processes import free_port
 from services.settings import Settings
 
-Echo = Callable[[str], None]
-
 REPO = Path(__file__).resolve().parent.parent
-MIB = 2**20
 FINETUNE_TARGET = 1.10  # fedvec / bare wall time
 STORE_TARGET = 1.20  # fedvec / raw minio, upload + download
 MULTIPART_ABOVE = 5 * MIB  # minio's minimum part size: larger objects go up in parts
@@ -323,7 +322,7 @@ class BareProcess:
         self.log_path = log_dir / "bare.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.bench_worker"],
+                [sys.executable, "-m", "services.bench.worker"],
                 env=settings_env(settings),  # the same FEDVEC_* settings as the worker's
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -364,7 +363,7 @@ class BareProcess:
 
 
 def _bare_child() -> None:
-    """`python -m services.bench_worker`: load the model once, then one bare training run
+    """`python -m services.bench.worker`: load the model once, then one bare training run
     per line read; JSON lines in and out (stdout carries nothing else)."""
     from peft import get_peft_model_state_dict
 
@@ -405,6 +404,7 @@ def finetune_overhead(
     from services.client_data import load_examples
     from services.db import upgrade
     from services.demo_data import build_demo_clients
+    from workers.model import training_seed
 
     echo = progress.echo
     demo = build_demo_clients(
@@ -434,7 +434,7 @@ def finetune_overhead(
     client_id = int(ops.enroll(s, "bench", client.train_path, task=client.task)["id"])
     # the seed the worker derives for this client's updates from version 0 (no aggregator
     # runs, so every update starts there): both loops then draw the same batches
-    seed = s.seed * 1_000_003 + client_id * 1009 + 0
+    seed = training_seed(s, client_id, 0)
     send = make_app(s).send_task
     log_path = work / "logs" / "worker.log"
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -534,39 +534,6 @@ def finetune_overhead(
 
 
 # --- 2. object store ---------------------------------------------------------------------
-def minilm_lora_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Shaped like fedvec's MiniLM adapter: LoRA r=8 on query and value of 6 layers of
-    width 384, and the one-score head (74,113 floats)."""
-    gen = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for layer in range(6):
-        for module in ("query", "value"):
-            prefix = f"base_model.model.bert.encoder.layer.{layer}.attention.self.{module}"
-            state[f"{prefix}.lora_A.weight"] = torch.randn(8, 384, generator=gen)
-            state[f"{prefix}.lora_B.weight"] = torch.randn(384, 8, generator=gen)
-    state["base_model.model.classifier.modules_to_save.default.weight"] = torch.randn(
-        1, 384, generator=gen
-    )
-    state["base_model.model.classifier.modules_to_save.default.bias"] = torch.zeros(1)
-    return state
-
-
-def synthetic_state(nbytes: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """float32 LoRA-like tensors of 1 MiB each (r=64 x 4096) whose safetensors file is
-    just under `nbytes` (room left for the header)."""
-    gen = torch.Generator().manual_seed(seed)
-    floats = (nbytes - 64 * 1024) // 4
-    state: dict[str, torch.Tensor] = {}
-    i = 0
-    while floats > 0:
-        rows = min(64, max(1, floats // 4096))
-        n = rows * 4096 if floats >= 4096 else floats
-        shape = (rows, 4096) if floats >= 4096 else (n,)
-        kind = "A" if i % 2 == 0 else "B"
-        state[f"layers.{i // 2:03d}.lora_{kind}.weight"] = torch.randn(*shape, generator=gen)
-        floats -= n
-        i += 1
-    return state
 
 
 @contextlib.contextmanager

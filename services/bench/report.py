@@ -61,7 +61,7 @@ DPI = 150
 @dataclass
 class QualityData:
     """What the quality benchmark runner collected (see the module docstring of
-    services/bench_quality.py for how each part is measured)."""
+    services/bench/quality.py for how each part is measured)."""
 
     rows: list[dict]  # one per measurement, keys COLUMNS
     similarity: dict  # clients, tasks, task_vector, raw, strategy, seed, round
@@ -434,7 +434,7 @@ def _label(client: str, task: str) -> str:
 
 
 def _z(z: Any) -> str:
-    """A relative grouping threshold as the report names it (bench_quality.NO_GROUPING_Z:
+    """A relative grouping threshold as the report names it (quality.NO_GROUPING_Z:
     beyond any similarity)."""
     try:
         value = float(z)

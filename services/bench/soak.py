@@ -17,7 +17,7 @@ the baseline is taken after a warm-up (the first max(10 s, 10 %) of the run: the
 built, the connection pools and allocator arenas filled), and memory is flat when the RSS
 at the end is less than FLAT_GROWTH (10 %) above that baseline.
 
-Where the stack comes from: as `fedvec bench latency` (services/bench_latency.py).
+Where the stack comes from: as `fedvec bench latency` (services/bench/latency.py).
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ from schema.events import UpdateStored
 from schema.models import Client, PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import processes
-from services.bench_latency import local_stack, percentile
-from services.bench_scale_service import SHAPES, PlantedVectors
+from services.bench.common import percentile
+from services.bench.latency import local_stack
+from services.bench.scale_service import SHAPES, PlantedVectors
+from services.console import Echo
 from services.context import object_store
 from services.db import session_scope, upgrade
 from services.object_store import ObjectStore
 from services.settings import Settings
 from services.signing import new_secret, sign, signing_key
-
-Echo = Callable[[str], None]
 
 FINAL = ("aggregated", "superseded", "rejected", "quarantined", "failed")
 BAD_KINDS = ("nan", "corrupt", "forged")

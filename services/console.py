@@ -1,8 +1,16 @@
-"""Plain-text tables for the CLI."""
+"""What fedvec prints for people: plain-text tables, and the echo callback that long jobs
+(the demo, the benchmarks) report progress through (click.echo, or a no-op under --json)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+Echo = Callable[[str], None]
+
+
+def quiet(_message: str) -> None:
+    """The echo of a command asked for --json: only the JSON document goes to stdout."""
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

@@ -30,7 +30,7 @@ import os
 import random
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,11 +46,11 @@ from aggregator.sketch import (
     sketch_rows,
 )
 from aggregator.sketch_index import DEFAULT_PEERS, SketchIndex, exact_aggregates
-from services.bench_latency import percentile
-from services.bench_scale_service import run_service_bench
+from services.bench.common import percentile
+from services.bench.scale_service import run_service_bench
+from services.console import Echo
 from services.settings import Settings, load_settings
 
-Echo = Callable[[str], None]
 _MASK63 = (1 << 63) - 1
 _MB = 1 << 20
 
@@ -82,7 +82,7 @@ class ScalePlan:
     accuracy_clients: int = 1_000
     accuracy_dim: int = 262_144
     seed: int = 0
-    # the service part (services/bench_scale_service.py): "postgres", "sqlite" or "none"
+    # the service part (services/bench/scale_service.py): "postgres", "sqlite" or "none"
     service_db: str = "postgres"
     service_events: int = 20
 
