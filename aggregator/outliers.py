@@ -133,15 +133,25 @@ def screen(
     norm_ratio: float,
     flip_cosine: float,
     peer_norms: Sequence[float] | None = None,
+    flip_scores: Iterable[tuple[Hashable, float, float]] | None = None,
     min_peers: int = MIN_PEERS,
 ) -> Outlier | None:
     """Both checks on a new update's flat τ against the other clients' latest accepted
     updates: norm first (peer_norms, or the norms of `peers` when not given), then sign flip
-    against `peers`. None: the update may be aggregated."""
-    listed = list(peers)
-    norms = [vector_norm(v) for _, v in listed] if peer_norms is None else list(peer_norms)
-    found = norm_outlier(vector_norm(tau), norms, norm_ratio, min_peers)
-    return found or sign_flipped(tau, listed, flip_cosine)
+    against `peers`, or against flip_scores when given: (peer, cosine with tau, its norm)
+    already computed (a cosine matrix's row), as flip_outlier takes them. None: the update
+    may be aggregated. With peer_norms given, `peers` (or flip_scores) is read lazily: not
+    at all when the norm check flags the update, then only up to the first match."""
+    if peer_norms is None:
+        peers = list(peers)
+        peer_norms = [vector_norm(v) for _, v in peers]
+    norm = vector_norm(tau)
+    found = norm_outlier(norm, list(peer_norms), norm_ratio, min_peers)
+    if found is not None:
+        return found
+    if flip_scores is not None:
+        return flip_outlier(norm, flip_scores, flip_cosine)
+    return sign_flipped(tau, peers, flip_cosine)
 
 
 def anti_aligned(

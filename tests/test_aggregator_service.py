@@ -535,8 +535,8 @@ def test_screening_with_aggregate_peers_reads_only_candidates(harness):
     assert agg.handle(e_scaled.to_dict()) == "quarantined"
     assert agg.handle(e_flipped.to_dict()) == "quarantined"
     # out of the sketch index at once: no later event takes them as someone's peer
-    assert scaled not in agg._index and flipped not in agg._index
-    assert scaled not in agg._indexed and flipped not in agg._indexed
+    assert scaled not in agg.peers.sketches and flipped not in agg.peers.sketches
+    assert scaled not in agg.peers.indexed and flipped not in agg.peers.indexed
     with session_scope(harness.db) as s:
         reasons = {
             u.client_id: u.reason.split(":")[0]
@@ -546,7 +546,7 @@ def test_screening_with_aggregate_peers_reads_only_candidates(harness):
     # honest updates go on; the quarantined clients leave the sketch index and the groups
     for c in ids:
         assert agg.handle(send_sketched(c, taus[c]).to_dict()) == "aggregated"
-    assert scaled not in agg._index and flipped not in agg._index
+    assert scaled not in agg.peers.sketches and flipped not in agg.peers.sketches
     with session_scope(harness.db) as s:
         sources = [u for r in s.scalars(select(PersonalizedAdapter)) for u in r.sources["updates"]]
         version = s.scalar(select(func.max(GroupMember.version)))
@@ -691,11 +691,12 @@ def test_the_vector_cache_keeps_one_update_per_client(harness):
         latest = {
             c: s.scalar(select(func.max(Update.id)).where(Update.client_id == c)) for c in clients
         }
-    assert sorted(agg._cache) == sorted(latest.values())
-    assert agg._cached_of == latest
-    assert agg._cache_bytes == sum(
+    cache = agg.loader.cache
+    assert sorted(cache.entries) == sorted(latest.values())
+    assert cache.update_of == latest
+    assert cache.nbytes == sum(
         sum(t.numel() * t.element_size() for t in (*tau.values(), *theta.values()))
-        for _, tau, theta in agg._cache.values()
+        for _, tau, theta in cache.entries.values()
     )
 
 

@@ -89,11 +89,13 @@ def die(where):
 
 if mode in ("before-commit", "after-commit", "before-ack"):
     # SIGKILL at the arg-th call of the patched step
+    from aggregator.publish import Publisher
     from aggregator.service import Aggregator
 
     calls = [0]
-    name = "handle" if mode == "before-ack" else "_commit"
-    original = getattr(Aggregator, name)
+    # handle, or the commit: the one transaction that publishes an aggregation
+    owner, name = (Aggregator, "handle") if mode == "before-ack" else (Publisher, "commit")
+    original = getattr(owner, name)
 
     def patched(self, *args, **kwargs):
         calls[0] += 1
@@ -104,7 +106,7 @@ if mode in ("before-commit", "after-commit", "before-ack"):
             die(mode)
         return result
 
-    setattr(Aggregator, name, patched)
+    setattr(owner, name, patched)
 elif mode == "publish-gate":
     # the worker's first event waits, once its update is committed, for the file <arg>/go
     import workers.tasks as tasks
