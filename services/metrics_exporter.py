@@ -27,6 +27,7 @@ from schema.models import (
     Round,
     SimilarityEdge,
     Update,
+    UpdateStatus,
 )
 from services import metrics  # noqa: F401 - fedvec_build_info of this process too
 from services.db import as_utc, session_scope
@@ -123,7 +124,7 @@ class DatabaseCollector(Collector):
         yield _gauge("fedvec_database_up", "1 if the database answered this scrape", 1)
         yield _gauge("fedvec_clients", "Enrolled clients", st["clients"])
         g = GaugeMetricFamily("fedvec_updates", "Updates by status", labels=["status"])
-        for status in ("stored", "aggregated", "superseded", "rejected", "quarantined", "failed"):
+        for status in UpdateStatus:
             g.add_metric([status], st["by_status"].get(status, 0))
         yield g
         yield _gauge(

@@ -23,7 +23,9 @@ from schema.models import (
     GroupMember,
     PersonalizedAdapter,
     Round,
+    RoundStatus,
     Update,
+    UpdateStatus,
 )
 from services.client_data import ClientDataError, load_examples, task_kind
 from services.context import object_store
@@ -33,6 +35,10 @@ from services.settings import Settings
 from services.signing import SigningError, add_secret, new_secret, signing_key
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+# what `train` reports as a round's problems
+PROBLEMS = (UpdateStatus.FAILED, UpdateStatus.REJECTED, UpdateStatus.QUARANTINED)
 
 
 class OperationError(Exception):
@@ -220,7 +226,7 @@ def wait_for(
 def wait_round(settings: Settings, round_id: int, *, timeout: float, show: bool = True) -> None:
     def check() -> tuple[bool, int]:
         p = round_progress(settings, round_id)
-        return p.status == "aggregated", p.reported
+        return p.status == RoundStatus.AGGREGATED, p.reported
 
     total = round_progress(settings, round_id).participants
     wait_for(check, total=total, timeout=timeout, desc=f"round {round_id}", show=show)
@@ -235,7 +241,8 @@ def round_summary(settings: Settings, round_id: int) -> dict[str, Any]:
             "failed": [
                 {"client_id": u.client_id, "update": u.uid, "reason": u.reason}
                 for u in updates
-                if u.status in ("failed", "rejected", "quarantined")
+                if u.status
+                in (UpdateStatus.FAILED, UpdateStatus.REJECTED, UpdateStatus.QUARANTINED)
             ],
         }
 

@@ -158,3 +158,46 @@ def test_quarantine_counters_start_at_zero():
     for reason in outliers.REASONS:
         sample = REGISTRY.get_sample_value("fedvec_updates_quarantined_total", {"reason": reason})
         assert sample is not None
+
+
+def _scores(tau: torch.Tensor, peers: dict[int, torch.Tensor]) -> list[tuple[int, float, float]]:
+    return [
+        (k, float(torch.nn.functional.cosine_similarity(tau, v, dim=0)), float(v.norm()))
+        for k, v in peers.items()
+    ]
+
+
+def test_screen_with_precomputed_flip_scores_agrees_with_the_vectors():
+    peers = honest()
+    norms = [float(v.norm()) for v in peers.values()]
+    for tau in (-peers[4], 50 * peers[2], vec(555), peers[1].clone()):
+        by_vectors = screen(tau, peers.items(), norm_ratio=10.0, flip_cosine=0.95)
+        by_scores = screen(
+            tau,
+            (),
+            norm_ratio=10.0,
+            flip_cosine=0.95,
+            peer_norms=norms,
+            flip_scores=_scores(tau, peers),
+        )
+        assert (by_vectors and by_vectors.reason) == (by_scores and by_scores.reason)
+        if by_vectors is not None:
+            assert by_vectors.message == by_scores.message
+
+
+def test_screen_reads_peers_lazily_when_the_norms_are_given():
+    peers = honest()
+    norms = [float(v.norm()) for v in peers.values()]
+    read: list[int] = []
+
+    def lazily():
+        for k, v in peers.items():
+            read.append(k)
+            yield k, v
+
+    # the norm check flags it: no peer vector is read at all
+    found = screen(50 * peers[2], lazily(), norm_ratio=10.0, flip_cosine=0.95, peer_norms=norms)
+    assert found is not None and found.reason == NORM_OUTLIER and read == []
+    # a flipped copy of client 3: reading stops at the match
+    found = screen(-peers[3], lazily(), norm_ratio=10.0, flip_cosine=0.95, peer_norms=norms)
+    assert found is not None and found.reason == SIGN_FLIPPED and read == [0, 1, 2, 3]

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from schema.events import TrainRequest
-from schema.models import PersonalizedAdapter, Update
+from schema.models import PersonalizedAdapter, Update, UpdateStatus
 from services import operations as ops
 from services import processes
 from services.bench.common import LOCAL_REDIS, percentile, scratch_postgres
@@ -66,6 +66,10 @@ def local_stack(settings: Settings, echo: Echo) -> Iterator[Settings]:
         yield settings
 
 
+# what an update ends as here (no poisoned updates are sent)
+DONE = (UpdateStatus.AGGREGATED, UpdateStatus.REJECTED, UpdateStatus.FAILED)
+
+
 def run_latency_bench(
     settings: Settings,
     *,
@@ -99,7 +103,15 @@ def run_latency_bench(
                     done = ses.scalar(
                         select(func.count())
                         .select_from(Update)
-                        .where(Update.status.in_(("aggregated", "rejected", "failed")))
+                        .where(
+                            Update.status.in_(
+                                (
+                                    UpdateStatus.AGGREGATED,
+                                    UpdateStatus.REJECTED,
+                                    UpdateStatus.FAILED,
+                                )
+                            )
+                        )
                     )
                 return done >= updates, int(done or 0)
 
@@ -117,7 +129,7 @@ def run_latency_bench(
     result = {
         "updates": updates,
         "aggregated": len(latencies),
-        "not_aggregated": len([x for x in statuses if x != "aggregated"]),
+        "not_aggregated": len([x for x in statuses if x != UpdateStatus.AGGREGATED]),
         "clients": len(enrolled),
         "workers": workers,
         "wall_s": round(wall, 1),

@@ -58,7 +58,7 @@ import torch
 from sqlalchemy import select
 
 from aggregator.task_vectors import StateDict, flatten, task_vector
-from schema.models import Update
+from schema.models import RoundStatus, Update, UpdateStatus
 from services import adapter_store as ads
 from services import operations as ops
 from services.bench.common import git_commit, latest_states
@@ -327,7 +327,7 @@ def run_fedvec(
             def done(rid: int = rid) -> tuple[bool, int]:
                 alive()
                 p = ops.round_progress(s, rid)
-                return p.status == "aggregated", p.reported
+                return p.status == RoundStatus.AGGREGATED, p.reported
 
             # what `fedvec train --rounds` does (ops.wait_round), with the liveness check
             ops.wait_for(done, total=len(enrolled), timeout=1800, desc="round", show=False)
@@ -345,7 +345,7 @@ def run_fedvec(
     total_s = time.perf_counter() - t0
     with session_scope(s.resolved_database_url) as db:
         updates = db.scalars(select(Update).where(Update.round_id.in_(round_ids))).all()
-        failed = [u.reason for u in updates if u.status != "aggregated"]
+        failed = [u.reason for u in updates if u.status != UpdateStatus.AGGREGATED]
         if failed:
             raise ops.OperationError(f"fedvec: {len(failed)} updates not aggregated: {failed[0]}")
         train_s = [

@@ -48,7 +48,7 @@ from unittest import mock
 from sqlalchemy import select
 
 from schema.events import EvaluateRequest, Message, TrainRequest
-from schema.models import Client, PersonalizedAdapter, Update
+from schema.models import Client, PersonalizedAdapter, RoundStatus, Update, UpdateStatus
 from services import adapter_store as ads
 from services import operations as ops
 from services.client_data import ClientSpec, load_examples, write_jsonl
@@ -252,7 +252,7 @@ def run_once(
                 else:  # pragma: no cover - nothing else is sent here
                     raise RuntimeError(f"unexpected task {task}")
             progress = ops.round_progress(s, round_id)
-            if progress.status != "aggregated":
+            if progress.status != RoundStatus.AGGREGATED:
                 raise ops.OperationError(
                     f"{label}: round {round_id} not aggregated ({progress.reported}/"
                     f"{progress.participants} reported); see {home / 'bench.log'}"
@@ -271,7 +271,9 @@ def run_once(
         ).all()
         statuses = ses.execute(select(Update.client_id, Update.status, Update.reason)).all()
     quarantined = [
-        (reason or "").split(":")[0] for _, status, reason in statuses if status == "quarantined"
+        (reason or "").split(":")[0]
+        for _, status, reason in statuses
+        if status == UpdateStatus.QUARANTINED
     ]
     values = list(accuracy.values())
     return {
@@ -286,7 +288,7 @@ def run_once(
         "quarantine_reasons": sorted(set(quarantined)),
         "attacker_updates": sum(1 for cid, _, _ in statuses if cid == attacker_id),
         "attacker_aggregated": sum(
-            1 for cid, st, _ in statuses if cid == attacker_id and st == "aggregated"
+            1 for cid, st, _ in statuses if cid == attacker_id and st == UpdateStatus.AGGREGATED
         ),
         "honest_adapters": {f"{name}@v{v}": sha for name, v, sha in sorted(rows)},
         "events": outcomes,

@@ -31,7 +31,7 @@ from sqlalchemy import insert
 from aggregator.service import Aggregator
 from aggregator.sketch import sketch_state_dict, to_bytes
 from schema.events import UpdateStored
-from schema.models import Client, Update
+from schema.models import Client, Update, UpdateStatus
 from services import adapter_store as ads
 from services.bench.common import percentile, scratch_postgres
 from services.console import Echo
@@ -116,7 +116,7 @@ def _run(s: Settings, n: int, events: int, seed: int) -> dict[str, Any]:
                 uid=str(uuid.uuid4()),
                 client_id=i + 1,
                 base_version=0,
-                status="aggregated",
+                status=UpdateStatus.AGGREGATED,
                 adapter_key="bench/adapter",
                 adapter_sha256=a_sha,
                 task_vector_key="bench/task-vector",
@@ -143,7 +143,7 @@ def _run(s: Settings, n: int, events: int, seed: int) -> dict[str, Any]:
                     uid=uid,
                     client_id=client + 1,
                     base_version=0,
-                    status="stored",
+                    status=UpdateStatus.STORED,
                     adapter_key=akey,
                     adapter_sha256=ads.put_state(store, akey, tau),
                     task_vector_key=tkey,
@@ -155,7 +155,7 @@ def _run(s: Settings, n: int, events: int, seed: int) -> dict[str, Any]:
         t = time.perf_counter()
         outcome = aggregator.handle(UpdateStored(uid, client + 1, None).to_dict())
         times.append(time.perf_counter() - t)
-        if outcome != "aggregated":
+        if outcome != UpdateStatus.AGGREGATED:
             raise RuntimeError(f"bench scale --service: update {uid} was {outcome}")
     steady = times[1:]
     return {

@@ -45,7 +45,14 @@ from sqlalchemy import func, insert, select
 from aggregator.sketch import sketch_state_dict, to_bytes
 from aggregator.task_vectors import norm
 from schema.events import UpdateStored
-from schema.models import Client, PersonalizedAdapter, ProcessedEvent, Update
+from schema.models import (
+    FINAL_STATUSES,
+    Client,
+    PersonalizedAdapter,
+    ProcessedEvent,
+    Update,
+    UpdateStatus,
+)
 from services import adapter_store as ads
 from services import processes
 from services.bench.common import percentile
@@ -58,7 +65,7 @@ from services.object_store import ObjectStore
 from services.settings import Settings
 from services.signing import new_secret, sign, signing_key
 
-FINAL = ("aggregated", "superseded", "rejected", "quarantined", "failed")
+FINAL = FINAL_STATUSES
 BAD_KINDS = ("nan", "corrupt", "forged")
 FLAT_GROWTH = 0.10  # RSS growth after warm-up, as a fraction of the baseline, still "flat"
 _INSERT_BATCH = 500
@@ -213,7 +220,7 @@ def _enroll(
                 uid=uid,
                 client_id=cid,
                 base_version=0,
-                status="aggregated",
+                status=UpdateStatus.AGGREGATED,
                 adapter_key=akey,
                 adapter_sha256=sha,
                 task_vector_key=akey,
@@ -274,7 +281,7 @@ def _store_update(
                 uid=uid,
                 client_id=cid,
                 base_version=version or 0,
-                status="stored",
+                status=UpdateStatus.STORED,
                 adapter_key=akey,
                 adapter_sha256=adapter_sha,
                 task_vector_key=tkey,
@@ -614,7 +621,7 @@ def _summarize(
     for uid, kind in progress.bad.items():
         entry = planted.setdefault(kind, {"planted": 0, "rejected": 0})
         entry["planted"] += 1
-        entry["rejected"] += bad_status.get(uid) == "rejected"
+        entry["rejected"] += bad_status.get(uid) == UpdateStatus.REJECTED
     span = (last_done - first_stored).total_seconds() if first_stored and last_done else None
     return {
         "clients": plan.clients,
@@ -633,7 +640,7 @@ def _summarize(
         "events_handled": _handled(db, event_ids),
         "send_errors": progress.send_errors,
         "planted_bad": planted,
-        "planted_bad_rejected": all(v == "rejected" for v in bad_status.values())
+        "planted_bad_rejected": all(v == UpdateStatus.REJECTED for v in bad_status.values())
         and len(bad_status) == len(progress.bad),
         "offered_updates_per_s": round(progress.sent / timing["send_s"], 2),
         "aggregated_per_s": round(timed_aggregated / span, 2) if span else None,

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from schema.models import UpdateStatus
 from services.bench.common import MIB, minilm_lora_state, synthetic_state
 from services.client_data import Example
 from services.console import Echo
@@ -290,7 +291,7 @@ def _wait_update(
         with session_scope(db_url) as s:
             row = s.scalars(select(Update).where(Update.uid == uid)).first()
             if row is not None:
-                if row.status != "stored":
+                if row.status != UpdateStatus.STORED:
                     raise RuntimeError(f"update {uid} is {row.status}: {row.reason}")
                 created = row.created_at
                 if created.tzinfo is None:  # SQLite returns the UTC time without its zone
