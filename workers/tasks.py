@@ -24,7 +24,7 @@ from aggregator.sketch import sketch_state_dict
 from aggregator.sketch import to_bytes as sketch_bytes
 from aggregator.task_vectors import StateDict, norm, task_vector
 from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, UpdateStored
-from schema.models import Client, Evaluation, PersonalizedAdapter, Update
+from schema.models import Client, Evaluation, PersonalizedAdapter, Update, UpdateStatus
 from services import adapter_store as ads
 from services import metrics
 from services.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
@@ -166,7 +166,7 @@ def run_training(
             client_id=req.client_id,
             round_id=req.round_id,
             base_version=current.version,
-            status="stored",
+            status=UpdateStatus.STORED,
             adapter_key=adapter_key,
             adapter_sha256=adapter_sha,
             task_vector_key=tv_key,
@@ -185,7 +185,7 @@ def run_training(
     except IntegrityError:
         # another delivery of this request committed first
         log.info("client=%s update=%s committed by another delivery", name, uid)
-        return {"update_uid": uid, "status": "stored", "duplicate": True}
+        return {"update_uid": uid, "status": UpdateStatus.STORED.value, "duplicate": True}
     except Exception as exc:
         log.warning("client=%s update=%s attempt failed: %s", name, uid, exc)
         for key in (adapter_key, tv_key):  # nothing half-written stays behind
@@ -204,7 +204,12 @@ def run_training(
         tau_norm,
     )
     publish(UpdateStored(update_uid=uid, client_id=req.client_id, round_id=req.round_id))
-    return {"update_uid": uid, "status": "stored", "steps": result.steps, "loss": result.loss}
+    return {
+        "update_uid": uid,
+        "status": UpdateStatus.STORED.value,
+        "steps": result.steps,
+        "loss": result.loss,
+    }
 
 
 def record_failure(settings: Settings, req: TrainRequest, reason: str, publish: Publish) -> None:
@@ -217,7 +222,7 @@ def record_failure(settings: Settings, req: TrainRequest, reason: str, publish: 
                     client_id=req.client_id,
                     round_id=req.round_id,
                     base_version=-1,
-                    status="failed",
+                    status=UpdateStatus.FAILED,
                     reason=reason[:2000],
                     worker=socket.gethostname(),
                 )
