@@ -47,6 +47,26 @@ def similarity_weights(
     return w / w.sum()
 
 
+def relative_similarity_weights(
+    sim_row: torch.Tensor, self_index: int, discounts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """similarity_weights with the client counted as its most similar peer, not as s = 1.
+
+    Why: task vectors of short runs on little data are nearly orthogonal even within a task
+    (cosines of .03-.15 at LoRA sizes), so with s_self = 1 a client keeps ~70-80 % of the
+    weight whatever its group, and FedBip stays mostly local. Counting itself at its nearest
+    peer's similarity makes the weights depend only on how similar the peers are relative
+    to each other (scaling every cosine leaves them unchanged), as the relative grouping
+    threshold does for the groups. No peer with a positive similarity: one-hot on itself."""
+    s = sim_row.detach().reshape(-1).to(torch.float64).clamp(min=0.0)
+    if not 0 <= self_index < s.numel():
+        raise IndexError(f"self_index {self_index} out of range for {s.numel()} similarities")
+    peers = torch.cat([s[:self_index], s[self_index + 1 :]])
+    top = float(peers.max()) if peers.numel() else 0.0
+    # similarity_weights counts the client at 1: after this scaling, its nearest peer's value
+    return similarity_weights(s / top if top > 0 else s, self_index, discounts)
+
+
 def uniform_weights(n: int) -> torch.Tensor:
     if n <= 0:
         raise ValueError(f"uniform_weights: n must be > 0, got {n}")

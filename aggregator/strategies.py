@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from aggregator.aggregation import (
+    relative_similarity_weights,
     similarity_weights,
     size_weights,
     staleness_discount,
@@ -275,6 +276,28 @@ class FedBip(Strategy):
         return add_scaled(base, [c.task_vector for c in group], p.tolist())
 
 
+class FedBipRelative(Strategy):
+    """FedBip's groups, with each client weighted in its group as its nearest peer is
+    (aggregation.relative_similarity_weights) instead of at similarity 1: the same rule
+    made independent of the cosines' scale. Not in the paper; reported beside fedbip."""
+
+    name = "fedbip_relative"
+
+    def plan(self, contributions, similarity=None) -> Plan:
+        return self._grouped_plan(contributions, similarity)
+
+    def cold_start_weights(self, target, plan, with_model):
+        return self._group_weights(target, plan, with_model, uniform=False)
+
+    def _personalize(self, target, base, contributions, plan) -> StateDict:
+        members = self._group_of(target, plan)
+        group = [contributions[k] for k in members]
+        p = relative_similarity_weights(
+            plan.similarity[target, members], members.index(target), self._discounts(group)
+        )
+        return add_scaled(base, [c.task_vector for c in group], p.tolist())
+
+
 class FedBipLayerwise(Strategy):
     """FedBip-L: groups from the whole-model cosine, weights per layer from that layer's cosine.
 
@@ -326,7 +349,8 @@ class Clustered(Strategy):
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Local, FedAvg, FedAMPRaw, FedBip, FedBipLayerwise, Clustered)
+    cls.name: cls
+    for cls in (Local, FedAvg, FedAMPRaw, FedBip, FedBipRelative, FedBipLayerwise, Clustered)
 }
 
 

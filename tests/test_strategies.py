@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aggregator.aggregation import similarity_weights, staleness_discount
+from aggregator.aggregation import (
+    relative_similarity_weights,
+    similarity_weights,
+    staleness_discount,
+)
 from aggregator.similarity import layerwise_cosine_matrices
 from aggregator.strategies import (
     STRATEGIES,
@@ -82,6 +86,7 @@ def test_registry_and_unknown_name():
         "fedavg",
         "fedamp_raw",
         "fedbip",
+        "fedbip_relative",
         "fedbip_layerwise",
         "clustered",
     }
@@ -155,6 +160,45 @@ def test_fedbip_groups_and_weights(planted):
             assert abs(float(delta.double() @ own.double())) < 0.3 * float(
                 delta.double().norm() * own.double().norm()
             )
+
+
+def test_relative_weights_count_the_client_as_its_nearest_peer():
+    row = torch.tensor([0.06, 1.0, 0.1, 0.08, -0.2], dtype=torch.float64)  # self at 1
+    p = relative_similarity_weights(row, 1)
+    # self = nearest peer (0.1); the rest in proportion; the opposed peer gets nothing
+    expected = torch.tensor([0.06, 0.1, 0.1, 0.08, 0.0], dtype=torch.float64) / 0.34
+    torch.testing.assert_close(p, expected)
+    # independent of the cosines' scale, unlike similarity_weights
+    torch.testing.assert_close(relative_similarity_weights(row * 5, 1), p)
+    assert not torch.allclose(similarity_weights(row * 5, 1), similarity_weights(row, 1))
+    # the same rule as similarity_weights once the nearest peer is at 1
+    assert torch.allclose(
+        relative_similarity_weights(row / 0.1, 1), similarity_weights(row / 0.1, 1)
+    )
+    # nobody similar: the client keeps its own update
+    lone = relative_similarity_weights(torch.tensor([1.0, -0.3, 0.0]), 0)
+    assert lone.tolist() == [1.0, 0.0, 0.0]
+    # staleness discounts apply to the peers as in similarity_weights
+    disc = torch.tensor([0.5, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    q = relative_similarity_weights(row, 1, disc)
+    assert q[0] < p[0] and abs(float(q.sum()) - 1.0) < 1e-12
+    with pytest.raises(IndexError):
+        relative_similarity_weights(row, 5)
+
+
+def test_fedbip_relative_mixes_more_within_the_group_and_nothing_across(planted):
+    base, contribs = planted
+    paper, relative = get_strategy("fedbip"), get_strategy("fedbip_relative")
+    plan = relative.plan(contribs)
+    assert plan.groups == paper.plan(contribs).groups == [0, 0, 1, 1]
+    for t, peer in [(0, 1), (1, 0), (2, 3), (3, 2)]:
+        out = relative.personalize(t, base, contribs, plan)
+        idx = sorted([t, peer])
+        # two members: the client counts as its one peer, so both weigh 1/2
+        assert_sd_close(out, combo(base, contribs, idx, [0.5, 0.5]))
+        # the paper's rule keeps more of the client's own update
+        w_self = 1.0 / (1.0 + max(float(plan.similarity[t, peer]), 0.0))
+        assert w_self > 0.5
 
 
 def test_fedbip_negative_peer_gets_zero_weight():

@@ -55,8 +55,16 @@ from services.federation import fresh_federation, running
 from services.settings import Settings
 from workers.model import Scores, initial_adapter
 
-STRATEGIES = ("local", "fedavg", "fedamp_raw", "fedbip", "fedbip_layerwise", "clustered")
-GROUPING = ("fedbip", "fedbip_layerwise", "clustered")
+STRATEGIES = (
+    "local",
+    "fedavg",
+    "fedamp_raw",
+    "fedbip",
+    "fedbip_relative",
+    "fedbip_layerwise",
+    "clustered",
+)
+GROUPING = ("fedbip", "fedbip_relative", "fedbip_layerwise", "clustered")
 
 
 NO_GROUPING_Z = 1e6

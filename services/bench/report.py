@@ -48,7 +48,7 @@ TABLE1 = (
     ("global", "global adapter"),
     ("new_client", "new client"),
 )
-GROUPING_STRATEGIES = ("fedbip", "fedbip_layerwise", "clustered")
+GROUPING_STRATEGIES = ("fedbip", "fedbip_relative", "fedbip_layerwise", "clustered")
 PLOTS = {
     "accuracy_per_task": "accuracy_per_task.png",
     "accuracy_vs_round": "accuracy_vs_round.png",
@@ -373,10 +373,15 @@ def _reading(summary: dict) -> list[str]:
             sentence += f", then {rest[0][1]} ({rest[0][0]:.3f}); lowest: {ranked[-1][1]}"
             sentence += f" ({ranked[-1][0]:.3f})"
         out.append(sentence + ".")
-    for other in ("fedavg", "local"):
-        diff = _paired(summary, "fedbip", other)
+    for main, other in (
+        ("fedbip", "fedavg"),
+        ("fedbip", "local"),
+        ("fedbip_relative", "fedbip"),
+        ("fedbip_relative", "local"),
+    ):
+        diff = _paired(summary, main, other)
         if diff is not None:
-            out.append(f"fedbip minus {other}, personalized accuracy: {diff}.")
+            out.append(f"{main} minus {other}, personalized accuracy: {diff}.")
     lw, fb = t1.get("fedbip_layerwise", {}), t1.get("fedbip", {})
     if lw.get("personalized") and fb.get("personalized"):
         d = lw["personalized"]["mean"] - fb["personalized"]["mean"]

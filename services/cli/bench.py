@@ -54,7 +54,8 @@ def bench() -> None:
 @click.option(
     "--strategies",
     default=None,
-    help="comma-separated (default: local,fedavg,fedamp_raw,fedbip,fedbip_layerwise,clustered)",
+    help="comma-separated (default: local,fedavg,fedamp_raw,fedbip,fedbip_relative,"
+    "fedbip_layerwise,clustered)",
 )
 @click.option("--rounds", type=int, default=None, help="synchronous rounds (default 3; quick 2)")
 @click.option("--epochs", type=int, default=None, help="local epochs per round (default 1)")
@@ -89,7 +90,7 @@ def bench() -> None:
     "--group-threshold",
     type=float,
     default=None,
-    help="a fixed grouping threshold for fedbip/fedbip_layerwise/clustered instead of the "
+    help="a fixed grouping threshold for the grouping strategies instead of the "
     "one chosen on validation; <= -1: one group of all clients, the paper's setting",
 )
 @click.option(
