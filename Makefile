@@ -45,7 +45,8 @@ bench-quality: install
 # each task cut into 4 data-scarce clients, 5 rounds, grouping on (about 4 h; resumable)
 bench-quality-shards: install
 	$(BIN)/fedvec bench quality $(FLAN_ARG) --shards 4 --rounds 5 --test-per-client 100 \
-		--generalization-examples 16 --out .fedvec/bench/quality-flan8-shards
+		--round-eval-examples 32 --generalization-examples 16 \
+		--out .fedvec/bench/quality-flan8-shards
 	$(call publish,quality-flan8-shards)
 
 # 12 label-skewed clients of the demo's news and tweet tasks, grouping on

@@ -64,6 +64,9 @@ class Settings:
     lora_init_seed: int = 0  # every client starts from the same initial adapter
     epochs: int = 1
     max_steps: int = 0  # 0: no cap; otherwise at most this many optimizer steps per update
+    # at least this many steps per update (a client with few records repeats its data), so a
+    # small client's task vector carries as much signal as the others' (0: epochs decide)
+    min_steps: int = 0
     learning_rate: float = 1e-3
     batch_size: int = 8
     max_length: int = 128

@@ -310,3 +310,14 @@ def test_lcs_length():
 def test_rouge_l(prediction, reference, expected):
     assert rouge_l(prediction, reference) == pytest.approx(expected)
     assert rouge_l(reference, prediction) == pytest.approx(expected)  # F1 is symmetric
+
+
+def test_min_steps_repeats_a_small_clients_data(tiny_lm, tmp_path):
+    # COLORS has 3 records: one batch of 4 per epoch
+    runtime = get_runtime(lm_settings(tiny_lm, tmp_path, epochs=1, min_steps=5))
+    assert runtime.planned_steps(len(COLORS)) == 5
+    assert runtime.planned_steps(4 * 7) == 7  # more data than min_steps needs: epochs decide
+    result = runtime.train(runtime.initial_adapter(), COLORS, seed=0)
+    assert result.steps == 5 and math.isfinite(result.loss)
+    # max_steps still caps (get_runtime gives the loaded model the new settings)
+    assert get_runtime(runtime.settings.replace(max_steps=2)).planned_steps(len(COLORS)) == 2

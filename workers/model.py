@@ -330,7 +330,7 @@ class ModelRuntime:
     # --- training ---------------------------------------------------------------------
     def planned_steps(self, num_examples: int) -> int:
         s = self.settings
-        steps = s.epochs * math.ceil(num_examples / s.batch_size)
+        steps = max(s.epochs * math.ceil(num_examples / s.batch_size), s.min_steps)
         return min(steps, s.max_steps) if s.max_steps > 0 else steps
 
     def train(

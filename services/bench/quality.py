@@ -80,6 +80,10 @@ class BenchPlan:
     seeds: tuple[int, ...] = (0, 1, 2)
     rounds: int = 3
     epochs: int = 1  # local epochs per round
+    # at least this many LoRA steps per update (FEDVEC_MIN_STEPS): one epoch of 64 records at
+    # batch 8. The late client's 16 records would give 2 steps, a task vector too faint to
+    # find its group by; with 8 it repeats its data, as a client of 64 records takes 8.
+    min_steps: int = 8
     train_per_client: int | None = None  # None: all of a client's training records
     test_per_client: int | None = None  # None: the whole test split
     validation: int = 60  # FLAN: records per task held out of training; demo: per client
@@ -100,6 +104,7 @@ QUICK = BenchPlan(  # every strategy in under 10 minutes on 2 cores: a smoke run
     seeds=(0,),
     rounds=2,
     train_per_client=32,
+    min_steps=4,  # = its clients' steps (32 records at batch 8)
     test_per_client=32,
     validation=16,
     round_eval_examples=16,
@@ -483,7 +488,7 @@ def run_quality_bench(
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = settings.replace(epochs=plan.epochs)
+    settings = settings.replace(epochs=plan.epochs, min_steps=plan.min_steps)
     clients = build_clients(settings, plan, out_dir)
     specs = clients.clients
     echo(
@@ -567,6 +572,7 @@ def run_quality_bench(
             "learning_rate": settings.learning_rate,
             "batch_size": settings.batch_size,
             "epochs_per_round": settings.epochs,
+            "min_steps": settings.min_steps,
             "max_length": settings.max_length,
             "group_threshold": settings.group_threshold,
             "group_threshold_z": settings.group_threshold_z,

@@ -70,6 +70,12 @@ def bench() -> None:
     "--test-per-client", type=int, default=None, help="0: the whole test split (default; quick 32)"
 )
 @click.option(
+    "--round-eval-examples",
+    type=int,
+    default=None,
+    help="test records per client scored after each round before the last (default 64)",
+)
+@click.option(
     "--generalization-examples",
     type=int,
     default=None,
@@ -113,6 +119,7 @@ def bench_quality(
     seeds: str | None,
     train_per_client: int | None,
     test_per_client: int | None,
+    round_eval_examples: int | None,
     generalization_examples: int | None,
     validation: int | None,
     learning_rate: float | None,
@@ -147,6 +154,7 @@ def bench_quality(
         rounds=rounds,
         epochs=epochs,
         train_per_client=train_per_client,
+        round_eval_examples=round_eval_examples,
         generalization_examples=generalization_examples,
         validation=validation,
         strategies=names(strategies),
