@@ -7,7 +7,7 @@ personalizes: for one target client it returns that client's new base theta_bar_
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -257,48 +257,45 @@ class FedAMPRaw(Strategy):
         return add_scaled(zero, [c.trained for c in contributions], p.tolist())
 
 
-class FedBip(Strategy):
+class Grouped(Strategy):
+    """The strategies over task-vector groups: the plan is the groups (at the fixed or
+    relative threshold), and a newcomer starts from its group's current models."""
+
+    uniform_cold_start: ClassVar[bool] = False  # else weighted by similarity (clipped at 0)
+
+    def plan(self, contributions, similarity=None) -> Plan:
+        return self._grouped_plan(contributions, similarity)
+
+    def cold_start_weights(self, target, plan, with_model):
+        return self._group_weights(target, plan, with_model, uniform=self.uniform_cold_start)
+
+
+class FedBip(Grouped):
     """Task-vector cosine, threshold groups, similarity-weighted task vectors in the group."""
 
     name = "fedbip"
-
-    def plan(self, contributions, similarity=None) -> Plan:
-        return self._grouped_plan(contributions, similarity)
-
-    def cold_start_weights(self, target, plan, with_model):
-        return self._group_weights(target, plan, with_model, uniform=False)
-
-    def _personalize(self, target, base, contributions, plan) -> StateDict:
-        members = self._group_of(target, plan)
-        self_index = members.index(target)
-        group = [contributions[k] for k in members]
-        p = similarity_weights(plan.similarity[target, members], self_index, self._discounts(group))
-        return add_scaled(base, [c.task_vector for c in group], p.tolist())
-
-
-class FedBipRelative(Strategy):
-    """FedBip's groups, with each client weighted in its group as its nearest peer is
-    (aggregation.relative_similarity_weights) instead of at similarity 1: the same rule
-    made independent of the cosines' scale. Not in the paper; reported beside fedbip."""
-
-    name = "fedbip_relative"
-
-    def plan(self, contributions, similarity=None) -> Plan:
-        return self._grouped_plan(contributions, similarity)
-
-    def cold_start_weights(self, target, plan, with_model):
-        return self._group_weights(target, plan, with_model, uniform=False)
+    # a group's similarity row (the target at self_index) -> its members' weights
+    weights: ClassVar[Callable[..., torch.Tensor]] = staticmethod(similarity_weights)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
         group = [contributions[k] for k in members]
-        p = relative_similarity_weights(
+        p = self.weights(
             plan.similarity[target, members], members.index(target), self._discounts(group)
         )
         return add_scaled(base, [c.task_vector for c in group], p.tolist())
 
 
-class FedBipLayerwise(Strategy):
+class FedBipRelative(FedBip):
+    """FedBip's groups, with each client weighted in its group as its nearest peer is
+    (aggregation.relative_similarity_weights) instead of at similarity 1: the same rule
+    made independent of the cosines' scale. Not in the paper; reported beside fedbip."""
+
+    name = "fedbip_relative"
+    weights = staticmethod(relative_similarity_weights)
+
+
+class FedBipLayerwise(Grouped):
     """FedBip-L: groups from the whole-model cosine, weights per layer from that layer's cosine.
 
     Two tasks can share useful structure in some layers (e.g. attention) and conflict in others
@@ -306,12 +303,6 @@ class FedBipLayerwise(Strategy):
     """
 
     name = "fedbip_layerwise"
-
-    def plan(self, contributions, similarity=None) -> Plan:
-        return self._grouped_plan(contributions, similarity)
-
-    def cold_start_weights(self, target, plan, with_model):
-        return self._group_weights(target, plan, with_model, uniform=False)
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
@@ -331,16 +322,11 @@ class FedBipLayerwise(Strategy):
         return {k: out[k] for k in sorted(out)}
 
 
-class Clustered(Strategy):
+class Clustered(Grouped):
     """Clustered FL: FedBip's groups, plain mean of the group's task vectors."""
 
     name = "clustered"
-
-    def plan(self, contributions, similarity=None) -> Plan:
-        return self._grouped_plan(contributions, similarity)
-
-    def cold_start_weights(self, target, plan, with_model):
-        return self._group_weights(target, plan, with_model, uniform=True)
+    uniform_cold_start = True
 
     def _personalize(self, target, base, contributions, plan) -> StateDict:
         members = self._group_of(target, plan)
