@@ -65,8 +65,11 @@ class Client(Base):
     test_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     num_examples: Mapped[int] = mapped_column(Integer)
     num_test_examples: Mapped[int] = mapped_column(Integer, default=0)
-    # services/signing.signing_key(secret): the HMAC key updates are verified with; the
-    # secret itself is never stored. NULL: enrolled before signing existed (unsigned updates)
+    # Ed25519 public key (hex) that updates are verified with (services/signing.py); the
+    # private key stays at the client's site
+    public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # HMAC clients, until `fedvec rotate-key`: signing.hmac_key(secret), which is also the
+    # key. Neither column: enrolled before signing existed (unsigned updates)
     secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -103,8 +106,9 @@ class Update(Base):
     task_vector_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
     # count sketch of τ (float32 little-endian, aggregator/sketch.py), written by the worker
     sketch: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
-    # HMAC-SHA256 by the worker over client id, uid and both sha256 (services/signing.py)
-    signature: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # by the worker over client id, uid and both sha256 (services/signing.py): Ed25519
+    # (128 hex) or, for a client not yet rotated, HMAC-SHA256 (64 hex)
+    signature: Mapped[str | None] = mapped_column(String(128), nullable=True)
     num_examples: Mapped[int] = mapped_column(Integer, default=0)
     steps: Mapped[int] = mapped_column(Integer, default=0)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)

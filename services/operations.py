@@ -32,7 +32,7 @@ from services.context import object_store
 from services.db import session_scope
 from services.s3_policy import write_client_policy
 from services.settings import Settings
-from services.signing import SigningError, add_secret, new_secret, signing_key
+from services.signing import SigningError, add_secret, new_private_key, public_key
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -88,16 +88,16 @@ def enroll(
         num_examples=len(examples),
         num_test_examples=len(test_examples),
     )
-    secret = new_secret()
-    row.secret_hash = signing_key(secret)
+    key = new_private_key()
+    row.public_key = public_key(key)
     try:
         with session_scope(settings.resolved_database_url) as s:
             s.add(row)
             s.flush()  # the id names the secret in the site's file
             # Written before the row commits: a failed write leaves no client without a
-            # secret; a failed commit leaves an unused entry that the next enrollment of
-            # that id overwrites.
-            add_secret(settings.client_secrets_path, row.id, secret)
+            # key; a failed commit leaves an unused entry that the next enrollment of that
+            # id overwrites.
+            add_secret(settings.client_secrets_path, row.id, key)
             policy = (
                 write_client_policy(
                     settings.home_path / "policies", settings.object_store_url, row.id
@@ -111,10 +111,29 @@ def enroll(
         raise OperationError(f"cannot enroll {name}: {exc}") from None
     return {
         **client_dict(row),
-        "secret": secret,
-        "secrets_file": str(settings.client_secrets_path),
+        "private_key": key,
+        "keys_file": str(settings.client_secrets_path),
         "policy_file": str(policy) if policy else None,
     }
+
+
+def rotate_key(settings: Settings, client: Client) -> dict[str, Any]:
+    """A new key pair for the client: the private key replaces its entry in the keys file
+    (deliver it to the client's site), the public key replaces the database's, and an HMAC
+    client leaves HMAC for good. Updates signed with the old key are refused from then on."""
+    key = new_private_key()
+    with session_scope(settings.resolved_database_url) as s:
+        row = s.get(Client, client.id)
+        if row is None:
+            raise OperationError(f"unknown client {client.name!r}")
+        row.public_key, row.secret_hash = public_key(key), None
+        s.flush()
+        try:  # the file first: a failed write leaves the old key in force
+            add_secret(settings.client_secrets_path, row.id, key)
+        except (OSError, SigningError) as exc:
+            raise OperationError(f"cannot rotate the key of {row.name}: {exc}") from None
+        out = client_dict(row)
+    return {**out, "private_key": key, "keys_file": str(settings.client_secrets_path)}
 
 
 def client_dict(c: Client) -> dict[str, Any]:
@@ -127,8 +146,15 @@ def client_dict(c: Client) -> dict[str, Any]:
         "num_test_examples": c.num_test_examples,
         "data_path": c.data_path,
         "test_path": c.test_path,
+        "signing": signing_scheme(c),
         "enrolled_at": c.enrolled_at.isoformat(),
     }
+
+
+def signing_scheme(c: Client) -> str:
+    """How the client's updates are signed: ed25519, hmac (until rotate-key) or none
+    (enrolled before signing existed)."""
+    return "ed25519" if c.public_key else "hmac" if c.secret_hash else "none"
 
 
 def list_clients(settings: Settings) -> list[dict[str, Any]]:

@@ -98,9 +98,13 @@ class Settings:
     # ... or when its τ has cosine <= −this with an earlier accepted update of another client
     # at a similar norm (0.5–2×): a sign-flipped copy cancels that client's work. 0: off.
     outlier_flip_cosine: float = 0.95
-    # The secrets of the clients this worker may train ({"<client id>": "<secret>"}, written
-    # by `fedvec enroll`; services/signing.py). Default: <home>/client-secrets.json
+    # The private keys of the clients this worker may train ({"<client id>": "<key>"}, written
+    # by `fedvec enroll` and `fedvec rotate-key`; services/signing.py). A site's file holds
+    # its own clients' keys only. Default: <home>/client-secrets.json
     client_secrets_file: str = ""
+    # accept HMAC-signed updates from clients not yet moved to a key pair (rotate-key);
+    # false ends the transition: their updates are refused
+    accept_hmac: bool = True
 
     flan8_dir: str = "../shared/data/flan8"
     log_level: str = "INFO"

@@ -1,20 +1,24 @@
-"""Client secrets and update signatures: a worker can only submit updates for the clients
-whose secrets its site holds.
+"""Client keys and update signatures: a worker can only submit updates for the clients
+whose private keys its site holds, and the server holds no key that signs.
 
-`fedvec enroll` draws a secret per client, shows it once and adds it to the site's secrets
-file; the database keeps only `signing_key(secret)`, a one-way hash of it. A worker signs
-each update with HMAC-SHA256 under that key, over the client id, the update id and the
-sha256 of both stored files; the aggregator recomputes the HMAC from the key in the
-database before it uses the update. The signature binds the files too, because the
-aggregator checks their sha256 against the row.
+`fedvec enroll` draws an Ed25519 key pair per client: the private key goes into the site's
+keys file (FEDVEC_CLIENT_SECRETS_FILE, 0600) and is shown once; the database keeps only the
+public key. A worker signs each update over the client id, the update id and the sha256 of
+both stored files; the aggregator verifies with the public key before it uses the update
+(the signature binds the files too, because the aggregator checks their sha256). Reading
+the whole database therefore lets nobody sign. `fedvec rotate-key` issues a new pair.
 
-HMAC needs the same key on both sides, so whoever can read the `clients` table can sign as
-any client (the secret itself cannot be recovered from it): guard the database as you
-guard the secrets files.
+Transition from HMAC (clients enrolled before Ed25519): their site file holds a shared
+secret and the database its hash, which is also the HMAC key, so whoever reads the
+`clients` table can sign as them. They keep working until `fedvec rotate-key` moves them
+to a key pair, or until FEDVEC_ACCEPT_HMAC=false refuses their updates; a later release
+drops HMAC (and the `secret_hash` column) altogether.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -23,20 +27,20 @@ import secrets
 import tempfile
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat
+from cryptography.hazmat.primitives.serialization import NoEncryption as _NoEncryption
+
+ED25519_PREFIX = "ed25519:"  # a site file entry that is a private key, not an HMAC secret
 _KEY_CONTEXT = b"fedvec client signing key\x00"
 
 
 class SigningError(Exception):
-    """A secret is missing or a secrets file is unreadable (the message says which)."""
-
-
-def new_secret() -> str:
-    return secrets.token_urlsafe(32)  # 256 bits
-
-
-def signing_key(secret: str) -> str:
-    """The key the database keeps for a client (hex): a hash of its secret."""
-    return hashlib.sha256(_KEY_CONTEXT + secret.encode()).hexdigest()
+    """A key is missing or a keys file is unreadable (the message says which)."""
 
 
 def _message(
@@ -46,14 +50,75 @@ def _message(
     return "\n".join(fields).encode()
 
 
+# --- Ed25519 ---------------------------------------------------------------------------
+def new_private_key() -> str:
+    """A new client private key, as the site file holds it: 'ed25519:' + base64 of 32 bytes."""
+    raw = Ed25519PrivateKey.generate().private_bytes(
+        Encoding.Raw, PrivateFormat.Raw, _NoEncryption()
+    )
+    return ED25519_PREFIX + base64.b64encode(raw).decode()
+
+
+def _private(key: str) -> Ed25519PrivateKey:
+    try:
+        raw = base64.b64decode(key.removeprefix(ED25519_PREFIX), validate=True)
+        return Ed25519PrivateKey.from_private_bytes(raw)
+    except (ValueError, binascii.Error) as exc:
+        raise SigningError(f"not an Ed25519 private key: {exc}") from None
+
+
+def public_key(private_key: str) -> str:
+    """The public key the database keeps (hex of 32 bytes)."""
+    return _private(private_key).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
 def sign(
+    private_key: str, client_id: int, update_uid: str, adapter_sha256: str, task_vector_sha256: str
+) -> str:
+    """An update's signature (hex of 64 bytes) with the client's private key."""
+    msg = _message(client_id, update_uid, adapter_sha256, task_vector_sha256)
+    return _private(private_key).sign(msg).hex()
+
+
+def verify(
+    public: str,
+    signature: str | None,
+    client_id: int,
+    update_uid: str,
+    adapter_sha256: str,
+    task_vector_sha256: str,
+) -> bool:
+    if not signature:
+        return False
+    try:
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
+        key.verify(
+            bytes.fromhex(signature),
+            _message(client_id, update_uid, adapter_sha256, task_vector_sha256),
+        )
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+# --- HMAC, for clients enrolled before Ed25519 (see the module docstring) --------------
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits
+
+
+def hmac_key(secret: str) -> str:
+    """What the database keeps for an HMAC client (hex): a hash of its secret, and the key."""
+    return hashlib.sha256(_KEY_CONTEXT + secret.encode()).hexdigest()
+
+
+def hmac_sign(
     key: str, client_id: int, update_uid: str, adapter_sha256: str, task_vector_sha256: str
 ) -> str:
     msg = _message(client_id, update_uid, adapter_sha256, task_vector_sha256)
     return hmac.new(bytes.fromhex(key), msg, hashlib.sha256).hexdigest()
 
 
-def verify(
+def hmac_verify(
     key: str,
     signature: str | None,
     client_id: int,
@@ -63,29 +128,39 @@ def verify(
 ) -> bool:
     if not signature:
         return False
-    expected = sign(key, client_id, update_uid, adapter_sha256, task_vector_sha256)
+    expected = hmac_sign(key, client_id, update_uid, adapter_sha256, task_vector_sha256)
     return hmac.compare_digest(expected, signature)
 
 
-# --- the site's secrets file: {"<client id>": "<secret>"} ---------------------------------
+def sign_update(
+    site_key: str, client_id: int, update_uid: str, adapter_sha256: str, task_vector_sha256: str
+) -> str:
+    """Sign with what the site file holds for the client: a private key, or (until the client
+    is rotated) its HMAC secret."""
+    if site_key.startswith(ED25519_PREFIX):
+        return sign(site_key, client_id, update_uid, adapter_sha256, task_vector_sha256)
+    return hmac_sign(hmac_key(site_key), client_id, update_uid, adapter_sha256, task_vector_sha256)
+
+
+# --- the site's keys file: {"<client id>": "<private key or legacy secret>"} -----------
 def read_secrets(path: Path) -> dict[str, str]:
-    """The secrets of a site's clients ({} when the file does not exist)."""
+    """The keys of a site's clients ({} when the file does not exist)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise SigningError(f"cannot read the client secrets file {path}: {exc}") from None
+        raise SigningError(f"cannot read the client keys file {path}: {exc}") from None
     if not isinstance(data, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in data.items()
     ):
-        raise SigningError(f"client secrets file {path} must map client ids to secrets")
+        raise SigningError(f"client keys file {path} must map client ids to keys")
     return data
 
 
 def add_secret(path: Path, client_id: int, secret: str) -> None:
-    """Add a client's secret to the file, written atomically and readable by its owner
-    only (0600)."""
+    """Add (or replace) a client's key in the file, written atomically and readable by its
+    owner only (0600)."""
     data = read_secrets(path)
     data[str(client_id)] = secret
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +179,7 @@ def secret_for(path: Path, client_id: int) -> str:
     secret = read_secrets(path).get(str(client_id))
     if secret is None:
         raise SigningError(
-            f"this worker holds no secret for client {client_id} (FEDVEC_CLIENT_SECRETS_FILE="
+            f"this worker holds no key for client {client_id} (FEDVEC_CLIENT_SECRETS_FILE="
             f"{path}): only the site that enrolled the client can train it"
         )
     return secret

@@ -27,7 +27,7 @@ from schema.models import (
 from services import adapter_store as ads
 from services.context import object_store
 from services.db import session_scope
-from services.signing import sign, signing_key
+from services.signing import hmac_key, hmac_sign, new_private_key, public_key, sign
 
 KEYS = {
     "base_model.model.enc.layer.0.query.lora_A.weight": (4, 16),
@@ -94,7 +94,8 @@ class Harness:
         tau: dict,
         round_id: int | None,
         sketch: bytes | None = None,
-        secret: str | None = None,
+        key: str | None = None,
+        hmac_secret: str | None = None,
     ) -> UpdateStored:
         version, base = self.current(client_id)
         uid = str(uuid.uuid4())
@@ -117,7 +118,11 @@ class Harness:
                     num_examples=10,
                     sketch=sketch,
                     signature=(
-                        sign(signing_key(secret), client_id, uid, a_sha, t_sha) if secret else None
+                        sign(key, client_id, uid, a_sha, t_sha)
+                        if key
+                        else hmac_sign(hmac_key(hmac_secret), client_id, uid, a_sha, t_sha)
+                        if hmac_secret
+                        else None
                     ),
                 )
             )
@@ -579,14 +584,15 @@ def test_update_whose_event_is_still_queued_is_screened_before_it_is_aggregated(
     assert harness.current(ids[5])[0] == 0
 
 
-def test_updates_must_be_signed_with_the_clients_secret(harness):
-    """A client enrolled with a secret: only updates signed with it are used. Site A's
-    worker, which holds A's secret but not B's, cannot pass an update off as B's."""
+def test_updates_must_be_signed_with_the_clients_key(harness):
+    """A client enrolled with a key pair: only updates signed with its private key are used.
+    Site A's worker, which holds A's key but not B's, cannot pass an update off as B's."""
     a, b = harness.client("a"), harness.client("b")
+    key_a, key_b = new_private_key(), new_private_key()
     with session_scope(harness.db) as s:
-        s.get(Client, a).secret_hash = signing_key("secret-a")
-        s.get(Client, b).secret_hash = signing_key("secret-b")
-    forged = harness.update(b, direction(1), None, secret="secret-a")  # signed as A
+        s.get(Client, a).public_key = public_key(key_a)
+        s.get(Client, b).public_key = public_key(key_b)
+    forged = harness.update(b, direction(1), None, key=key_a)  # signed as A
     unsigned = harness.update(b, direction(2), None)
     assert harness.agg.handle(forged.to_dict()) == "rejected"
     assert harness.agg.handle(unsigned.to_dict()) == "rejected"
@@ -597,14 +603,50 @@ def test_updates_must_be_signed_with_the_clients_secret(harness):
     assert "not signed with client" in reasons[forged.update_uid]
     assert "not signed" in reasons[unsigned.update_uid]
     assert harness.current(b)[0] == 0  # B's adapter untouched
-    good = harness.update(b, direction(3), None, secret="secret-b")
+    good = harness.update(b, direction(3), None, key=key_b)
     assert harness.agg.handle(good.to_dict()) == "aggregated"
     # a row changed after signing (its files swapped for others) no longer verifies
-    tampered = harness.update(a, direction(4), None, secret="secret-a")
+    tampered = harness.update(a, direction(4), None, key=key_a)
     with session_scope(harness.db) as s:
         row = s.scalars(select(Update).where(Update.uid == tampered.update_uid)).one()
         row.task_vector_sha256 = "0" * 64
     assert harness.agg.handle(tampered.to_dict()) == "rejected"
+
+
+def test_a_rotated_key_takes_effect_at_once_and_the_old_one_is_refused(harness):
+    a = harness.client("a")
+    old, new = new_private_key(), new_private_key()
+    with session_scope(harness.db) as s:
+        s.get(Client, a).public_key = public_key(old)
+    assert harness.agg.handle(harness.update(a, direction(1), None, key=old).to_dict()) == (
+        "aggregated"
+    )
+    with session_scope(harness.db) as s:  # what `fedvec rotate-key` writes
+        s.get(Client, a).public_key = public_key(new)
+    # the aggregator cached the old public key: the new one must still be accepted ...
+    fresh = harness.update(a, direction(2), None, key=new)
+    assert harness.agg.handle(fresh.to_dict()) == "aggregated"
+    # ... and the old one refused
+    stale = harness.update(a, direction(3), None, key=old)
+    assert harness.agg.handle(stale.to_dict()) == "rejected"
+
+
+def test_hmac_clients_work_until_the_transition_is_ended(harness):
+    """A client enrolled before key pairs: its HMAC signature is verified from the
+    database's key while FEDVEC_ACCEPT_HMAC allows (the default); false refuses it."""
+    a = harness.client("a")
+    with session_scope(harness.db) as s:
+        s.get(Client, a).secret_hash = hmac_key("old-secret")
+    ok = harness.update(a, direction(1), None, hmac_secret="old-secret")
+    assert harness.agg.handle(ok.to_dict()) == "aggregated"
+    wrong = harness.update(a, direction(2), None, hmac_secret="another-secret")
+    assert harness.agg.handle(wrong.to_dict()) == "rejected"
+    strict = Aggregator(harness.settings.replace(accept_hmac=False))
+    refused = harness.update(a, direction(3), None, hmac_secret="old-secret")
+    assert strict.handle(refused.to_dict()) == "rejected"
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == refused.update_uid)).one()
+    assert "FEDVEC_ACCEPT_HMAC=false" in row.reason and "rotate-key" in row.reason
 
 
 def test_periodic_recovery_aggregates_only_updates_whose_event_is_overdue(harness):

@@ -1,7 +1,7 @@
 """Hostile update rows driven through the real aggregator (issue 7: "bad and hostile input,
 each refused with a clear error; state unchanged").
 
-A small federation (3 clients enrolled with secrets, each with a personalized adapter
+A small federation (3 clients enrolled with key pairs, each with a personalized adapter
 already) on the embedded backend (SQLite + local folder store). Hypothesis draws one update
 for one client, written as a worker writes it (objects, then the signed row, then the
 event), with zero or more mutations: extra / missing keys, wrong shapes, integer or bool
@@ -24,6 +24,8 @@ Each example runs on a fresh copy of the same federation, so failures replay exa
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -55,7 +57,7 @@ from services import adapter_store as ads
 from services.context import object_store
 from services.db import get_engine, session_scope, upgrade
 from services.settings import Settings, load_settings
-from services.signing import sign, signing_key
+from services.signing import ED25519_PREFIX, public_key, sign
 from tests.test_aggregator_service import KEYS, Harness, direction
 
 # FEDVEC_HOSTILE_EXAMPLES=1000 to hunt for more; no example database (nothing written into
@@ -69,7 +71,11 @@ HOSTILE = settings(
 )
 LIMIT = 16 * 1024  # FEDVEC_MAX_ADAPTER_BYTES here; an honest file is about 1.8 KB
 N_CLIENTS = 3
-SECRETS = [f"secret-of-client-{i}" for i in range(N_CLIENTS)]
+# fixed private keys: hypothesis replays must sign the same bytes
+KEYS_OF = [
+    ED25519_PREFIX + base64.b64encode(hashlib.sha256(f"client-{i}".encode()).digest()).decode()
+    for i in range(N_CLIENTS)
+]
 NAMES = sorted(KEYS)
 FILES = ("task_vector", "adapter")
 
@@ -79,7 +85,7 @@ FILES = ("task_vector", "adapter")
 @dataclass
 class World:
     settings: Settings
-    ids: list[int]  # client ids, index i has SECRETS[i]
+    ids: list[int]  # client ids, index i has KEYS_OF[i]
 
     @property
     def db(self) -> str:
@@ -94,7 +100,7 @@ def _settings(home: Path) -> Settings:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> World:
-    """3 clients with secrets, each with one aggregated update (personalized version 1):
+    """3 clients with key pairs, each with one aggregated update (personalized version 1):
     every pair has a similarity edge and there is a grouping."""
     home = tmp_path_factory.mktemp("hostile-template")
     settings = _settings(home)
@@ -103,9 +109,9 @@ def template(tmp_path_factory) -> World:
     ids = [h.client(f"client-{i}") for i in range(N_CLIENTS)]
     with session_scope(h.db) as s:
         for i, c in enumerate(ids):
-            s.get(Client, c).secret_hash = signing_key(SECRETS[i])
+            s.get(Client, c).public_key = public_key(KEYS_OF[i])
     for i, c in enumerate(ids):
-        stored = h.update(c, direction(500 + i), None, secret=SECRETS[i])
+        stored = h.update(c, direction(500 + i), None, key=KEYS_OF[i])
         assert h.agg.handle(stored.to_dict()) == "aggregated"
     get_engine(h.db).dispose()  # checkpoints the WAL: the folder can be copied
     return World(settings, ids)
@@ -278,7 +284,7 @@ content_mutations = st.one_of(
     mutation("corrupted_after", arg=st.tuples(st.integers(0, 10_000), st.integers(1, 255))),
     mutation("missing_object"),
     mutation("unsigned", file=st.just("")),
-    # signed with another client's secret, or just some hex
+    # signed with another client's key, or just some hex
     mutation("forged", file=st.just(""), arg=st.integers(1, N_CLIENTS - 1) | hex64),
     mutation("replayed", file=st.just("")),  # the client's own signature, of another update
 )
@@ -389,14 +395,14 @@ def write_update(w: World, store, case: Case) -> UpdateStored:
         if not any(m.kind == "missing_object" for m in mine):
             store.put(keys_of[name], data)
     kinds = {m.kind for m in ms}
-    key = signing_key(SECRETS[case.target])
+    key = KEYS_OF[case.target]
     signature: str | None = sign(key, client, uid, shas["adapter"], shas["task_vector"])
     if "unsigned" in kinds:
         signature = None
     elif "forged" in kinds:
         forged = next(m for m in ms if m.kind == "forged").arg
-        if isinstance(forged, int):  # another client's secret
-            other = signing_key(SECRETS[(case.target + forged) % N_CLIENTS])
+        if isinstance(forged, int):  # another client's key
+            other = KEYS_OF[(case.target + forged) % N_CLIENTS]
             signature = sign(other, client, uid, shas["adapter"], shas["task_vector"])
         else:
             signature = forged if forged != signature else "0" * 64

@@ -1,9 +1,11 @@
-"""Client secrets and update signatures: enroll shows a secret once and stores only its
-hash; a worker without a client's secret cannot produce that client's updates; the
-aggregator refuses updates not signed with the client's secret."""
+"""Client keys and update signatures: enroll shows a private key once and stores only the
+public key, so reading the database lets nobody sign; a worker without a client's key
+cannot produce that client's updates; the aggregator refuses updates not signed with the
+client's key; rotate-key replaces the pair; HMAC clients keep working until rotated."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import stat
@@ -15,18 +17,24 @@ from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import select, text
 
 from schema.events import TrainRequest
-from schema.models import Update
+from schema.models import Client, Update
 from services import operations as ops
 from services.cli import cli
 from services.db import get_engine, session_scope, upgrade
 from services.demo_data import build_demo_clients
 from services.signing import (
+    ED25519_PREFIX,
     SigningError,
     add_secret,
+    hmac_key,
+    hmac_sign,
+    hmac_verify,
+    new_private_key,
+    public_key,
     read_secrets,
     secret_for,
     sign,
-    signing_key,
+    sign_update,
     verify,
 )
 from workers.tasks import run_training
@@ -35,16 +43,37 @@ SHA_A, SHA_T = "a" * 64, "b" * 64
 
 
 def test_a_signature_binds_client_update_and_both_files():
-    key = signing_key("s3cret")
+    key = new_private_key()
+    pub = public_key(key)
     sig = sign(key, 3, "u-1", SHA_A, SHA_T)
-    assert verify(key, sig, 3, "u-1", SHA_A, SHA_T)
-    assert not verify(key, sig, 4, "u-1", SHA_A, SHA_T)  # another client
-    assert not verify(key, sig, 3, "u-2", SHA_A, SHA_T)  # another update
-    assert not verify(key, sig, 3, "u-1", SHA_T, SHA_A)  # other files
-    assert not verify(signing_key("other"), sig, 3, "u-1", SHA_A, SHA_T)
-    assert not verify(key, None, 3, "u-1", SHA_A, SHA_T)
-    assert not verify(key, "", 3, "u-1", SHA_A, SHA_T)
-    assert signing_key("s3cret") != "s3cret" and len(signing_key("s3cret")) == 64
+    assert verify(pub, sig, 3, "u-1", SHA_A, SHA_T)
+    assert not verify(pub, sig, 4, "u-1", SHA_A, SHA_T)  # another client
+    assert not verify(pub, sig, 3, "u-2", SHA_A, SHA_T)  # another update
+    assert not verify(pub, sig, 3, "u-1", SHA_T, SHA_A)  # other files
+    assert not verify(public_key(new_private_key()), sig, 3, "u-1", SHA_A, SHA_T)
+    for bad in (None, "", "zz", "00" * 64, sig[:-2]):
+        assert not verify(pub, bad, 3, "u-1", SHA_A, SHA_T)
+    assert key.startswith(ED25519_PREFIX) and len(pub) == 64 and len(sig) == 128
+    assert sign_update(key, 3, "u-1", SHA_A, SHA_T) == sig
+    with pytest.raises(SigningError, match="not an Ed25519 private key"):
+        sign(ED25519_PREFIX + "not base64!", 3, "u-1", SHA_A, SHA_T)
+
+
+def test_the_public_key_does_not_sign():
+    """What the database holds (the public key) cannot be turned into a signature that
+    verifies, unlike HMAC's key, which signs as well as it verifies."""
+    key = new_private_key()
+    pub = public_key(key)
+    raw = bytes.fromhex(pub)
+    for attempt in (ED25519_PREFIX + base64.b64encode(raw).decode(),):  # as if it were private
+        assert not verify(pub, sign(attempt, 3, "u-1", SHA_A, SHA_T), 3, "u-1", SHA_A, SHA_T)
+    assert not verify(pub, hmac_sign(pub, 3, "u-1", SHA_A, SHA_T), 3, "u-1", SHA_A, SHA_T)
+    # HMAC, for contrast: its database value signs
+    stored = hmac_key("s3cret")
+    assert hmac_verify(stored, hmac_sign(stored, 3, "u-1", SHA_A, SHA_T), 3, "u-1", SHA_A, SHA_T)
+    assert sign_update("s3cret", 3, "u-1", SHA_A, SHA_T) == hmac_sign(
+        stored, 3, "u-1", SHA_A, SHA_T
+    )
 
 
 def test_secrets_file_is_private_and_errors_are_readable(tmp_path):
@@ -55,13 +84,13 @@ def test_secrets_file_is_private_and_errors_are_readable(tmp_path):
     assert read_secrets(path) == {"1": "one", "2": "two"}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert secret_for(path, 2) == "two"
-    with pytest.raises(SigningError, match="holds no secret for client 3"):
+    with pytest.raises(SigningError, match="holds no key for client 3"):
         secret_for(path, 3)
     path.write_text("[1, 2]")
-    with pytest.raises(SigningError, match="must map client ids to secrets"):
+    with pytest.raises(SigningError, match="must map client ids to keys"):
         read_secrets(path)
     path.write_text("{not json")
-    with pytest.raises(SigningError, match="cannot read the client secrets file"):
+    with pytest.raises(SigningError, match="cannot read the client keys file"):
         read_secrets(path)
 
 
@@ -72,39 +101,67 @@ def enrolled(embedded_settings, tmp_path):
     return embedded_settings, clients
 
 
-def test_enroll_shows_the_secret_once_and_the_database_keeps_only_its_hash(enrolled):
+def test_enroll_shows_the_private_key_once_and_the_database_keeps_only_the_public_key(
+    enrolled,
+):
     settings, clients = enrolled
     env = {"FEDVEC_HOME": settings.home}
     run = CliRunner().invoke(
         cli, ["enroll", "news-a", "--data", str(clients[0].train_path)], env=env
     )
     assert run.exit_code == 0, run.output
-    secret = read_secrets(settings.client_secrets_path)["1"]
-    assert f"secret (shown once): {secret}" in run.output
+    key = read_secrets(settings.client_secrets_path)["1"]
+    assert key.startswith(ED25519_PREFIX)
+    assert f"private key (shown once): {key}" in run.output
     assert str(settings.client_secrets_path) in run.output
     as_json = CliRunner().invoke(
         cli, ["enroll", "b", "--data", str(clients[1].train_path), "--json"], env=env
     )
-    assert json.loads(as_json.output)["secret"] == read_secrets(settings.client_secrets_path)["2"]
-    # not in the database, not in `fedvec clients`
+    row = json.loads(as_json.output)
+    assert row["private_key"] == read_secrets(settings.client_secrets_path)["2"]
+    assert row["signing"] == "ed25519"
+    # the database holds the public key, nothing that signs; `fedvec clients` neither
     with get_engine(settings.resolved_database_url).connect() as conn:
         dump = "\n".join(str(r) for r in conn.execute(text("SELECT * FROM clients")))
-    assert secret not in dump and signing_key(secret) in dump
+    assert public_key(key) in dump
+    assert key not in dump and key.removeprefix(ED25519_PREFIX) not in dump
     listed = CliRunner().invoke(cli, ["clients", "--json"], env=env).output
-    assert secret not in listed and signing_key(secret) not in listed
+    assert key not in listed and json.loads(listed)[0]["signing"] == "ed25519"
 
 
-def test_a_worker_without_the_clients_secret_writes_nothing(enrolled, tmp_path):
+def test_rotate_key_replaces_the_pair_and_moves_an_hmac_client(enrolled):
+    settings, clients = enrolled
+    env = {"FEDVEC_HOME": settings.home}
+    a = ops.enroll(settings, "a", clients[0].train_path)
+    with session_scope(settings.resolved_database_url) as s:  # as enrolled before key pairs
+        row = s.get(Client, a["id"])
+        row.public_key, row.secret_hash = None, hmac_key("legacy")
+    assert ops.list_clients(settings)[0]["signing"] == "hmac"
+    run = CliRunner().invoke(cli, ["rotate-key", "a", "--json"], env=env)
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    assert out["signing"] == "ed25519" and out["private_key"] != a["private_key"]
+    assert read_secrets(settings.client_secrets_path)[str(a["id"])] == out["private_key"]
+    with session_scope(settings.resolved_database_url) as s:
+        row = s.get(Client, a["id"])
+        assert row.public_key == public_key(out["private_key"]) and row.secret_hash is None
+    text_run = CliRunner().invoke(cli, ["rotate-key", str(a["id"])], env=env)
+    assert "private key (shown once): " in text_run.output
+    unknown = CliRunner().invoke(cli, ["rotate-key", "nobody"], env=env)
+    assert unknown.exit_code == 2 and "unknown client 'nobody'" in unknown.output
+
+
+def test_a_worker_without_the_clients_key_writes_nothing(enrolled, tmp_path):
     """Site A's worker given client B's request (misrouted or hostile): refused before
     training, no object and no row (the task then records a failed update)."""
     settings, clients = enrolled
     a = ops.enroll(settings, "a", clients[0].train_path, site="site-a")
     b = ops.enroll(settings, "b", clients[1].train_path, site="site-b")
-    site_a = tmp_path / "site-a-secrets.json"
-    add_secret(site_a, a["id"], a["secret"])
+    site_a = tmp_path / "site-a-keys.json"
+    add_secret(site_a, a["id"], a["private_key"])
     worker_a = settings.replace(client_secrets_file=str(site_a), max_steps=1, batch_size=2)
     req = TrainRequest(client_id=b["id"])
-    with pytest.raises(SigningError, match=f"holds no secret for client {b['id']}"):
+    with pytest.raises(SigningError, match=f"holds no key for client {b['id']}"):
         run_training(worker_a, req, lambda _m: None)
     with session_scope(settings.resolved_database_url) as s:
         assert s.scalars(select(Update)).first() is None
@@ -112,7 +169,7 @@ def test_a_worker_without_the_clients_secret_writes_nothing(enrolled, tmp_path):
     assert not objects.exists()
 
 
-def test_a_worker_signs_with_the_secret_the_aggregator_verifies(enrolled, caplog):
+def test_a_worker_signs_with_the_key_the_aggregator_verifies(enrolled, caplog):
     caplog.set_level(logging.DEBUG)
     settings, clients = enrolled
     a = ops.enroll(settings, "a", clients[0].train_path)
@@ -124,7 +181,7 @@ def test_a_worker_signs_with_the_secret_the_aggregator_verifies(enrolled, caplog
     with session_scope(settings.resolved_database_url) as s:
         u = s.scalars(select(Update)).one()
         assert verify(
-            signing_key(a["secret"]),
+            public_key(a["private_key"]),
             u.signature,
             a["id"],
             u.uid,
@@ -132,13 +189,12 @@ def test_a_worker_signs_with_the_secret_the_aggregator_verifies(enrolled, caplog
             u.task_vector_sha256,
         )
     assert len(events) == 1
-    # the secret and its key appear in no log line of enrollment and training, nor in any
+    # the private key appears in no log line of enrollment and training, nor in any
     # metric (names, labels, values) this process exposes
-    assert caplog.text and a["secret"] not in caplog.text
-    assert signing_key(a["secret"]) not in caplog.text
+    secret = a["private_key"].removeprefix(ED25519_PREFIX)
+    assert caplog.text and secret not in caplog.text
     exposed = generate_latest(REGISTRY).decode()
-    assert "fedvec_" in exposed
-    assert a["secret"] not in exposed and signing_key(a["secret"]) not in exposed
+    assert "fedvec_" in exposed and secret not in exposed
 
 
 def test_s3_enrollment_writes_a_policy_for_the_clients_own_prefix(enrolled, tmp_path):

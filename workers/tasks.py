@@ -33,7 +33,7 @@ from services.context import object_store
 from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
-from services.signing import secret_for, sign, signing_key
+from services.signing import secret_for, sign_update
 from workers.model import (
     ModelRuntime,
     TrainResult,
@@ -117,10 +117,10 @@ def run_training(
             log.info("client=%s update=%s already %s", client.name, uid, existing.status)
             return {"update_uid": uid, "status": existing.status, "duplicate": True}
         name, data_path = client.name, client.data_path
-        # a client with a secret is trained only where its secret is: refuse before training
-        secret = (
+        # a client with a key is trained only where its key is: refuse before training
+        site_key = (
             secret_for(settings.client_secrets_path, req.client_id)
-            if client.secret_hash is not None
+            if client.public_key is not None or client.secret_hash is not None
             else None
         )
 
@@ -159,8 +159,9 @@ def run_training(
         meta = {"client_id": str(req.client_id), "update_uid": uid}
         adapter_sha = ads.put_state(store, adapter_key, result.adapter, **meta)
         tv_sha = ads.put_state(store, tv_key, tau, **meta)
-        key = signing_key(secret) if secret is not None else None
-        signature = sign(key, req.client_id, uid, adapter_sha, tv_sha) if key else None
+        signature = (
+            sign_update(site_key, req.client_id, uid, adapter_sha, tv_sha) if site_key else None
+        )
         row = Update(
             uid=uid,
             client_id=req.client_id,

@@ -63,7 +63,7 @@ from services.context import object_store
 from services.db import session_scope, upgrade
 from services.object_store import ObjectStore
 from services.settings import Settings
-from services.signing import new_secret, sign, signing_key
+from services.signing import new_private_key, public_key, sign
 
 FINAL = FINAL_STATUSES
 BAD_KINDS = ("nan", "corrupt", "forged")
@@ -163,7 +163,7 @@ def memory_summary(
 @dataclass
 class _Population:
     ids: list[int]
-    keys: dict[int, str]  # client id -> signing key (what the database keeps)
+    keys: dict[int, str]  # client id -> private key (what each client's site holds)
     tag: str  # `updates.worker` of this run's timed updates: counts ignore everything else
 
 
@@ -182,11 +182,11 @@ class _Progress:
 def _enroll(
     s: Settings, plan: SoakPlan, store: ObjectStore, vectors: PlantedVectors
 ) -> _Population:
-    """N clients with secrets and one accepted, signed update each (own τ object and
+    """N clients with key pairs and one accepted, signed update each (own τ object and
     sketch), bulk-inserted: the population the aggregator starts with."""
     run = uuid.uuid4().hex[:8]
     db = s.resolved_database_url
-    secrets = {i: new_secret() for i in range(plan.clients)}
+    private = {i: new_private_key() for i in range(plan.clients)}
     with session_scope(db) as ses:
         for a in range(0, plan.clients, _INSERT_BATCH):
             ses.execute(
@@ -197,7 +197,7 @@ def _enroll(
                         task=f"group-{i % len(vectors.directions)}",
                         data_path="/dev/null",  # no worker reads it: this process is the worker
                         num_examples=32,
-                        secret_hash=signing_key(secrets[i]),
+                        public_key=public_key(private[i]),
                     )
                     for i in range(a, min(plan.clients, a + _INSERT_BATCH))
                 ],
@@ -207,7 +207,7 @@ def _enroll(
         ).all()
     by_index = {int(name.rsplit("-", 1)[1]): cid for cid, name in rows}
     ids = [by_index[i] for i in range(plan.clients)]
-    keys = {by_index[i]: signing_key(secrets[i]) for i in range(plan.clients)}
+    keys = {by_index[i]: private[i] for i in range(plan.clients)}
     seed_rows = []
     for i, cid in enumerate(ids):
         tau = vectors.tau(i)

@@ -57,6 +57,7 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
 for command in (
     clients.enroll,
     clients.clients,
+    clients.rotate_key,
     run.train,
     run.worker,
     run.aggregator,

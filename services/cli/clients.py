@@ -1,4 +1,4 @@
-"""Clients: enroll one, list them."""
+"""Clients: enroll one, list them, rotate a client's key."""
 
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ def enroll(
     or FLAN records with an OPTIONS: list. The file is checked before anything is
     written; the data stays where it is (workers of SITE read it).
 
-    The client gets a secret, printed once and added to FEDVEC_CLIENT_SECRETS_FILE: a
-    worker signs the client's updates with it, and the aggregator refuses updates that
-    are not signed by the client's secret (the database keeps only a hash of it)."""
+    The client gets an Ed25519 key pair: the private key is printed once and added to
+    FEDVEC_CLIENT_SECRETS_FILE, which the workers of SITE need to train this client (they
+    sign its updates with it); the database keeps only the public key, which the
+    aggregator verifies every update with."""
     settings = settings_of(ctx)
     check_db(settings)
     row = ops.enroll(settings, name, data, test=test, task=task, site=site)
@@ -44,12 +45,7 @@ def enroll(
         echo_json(row)
     else:
         click.echo(f"enrolled {row['name']} (id {row['id']}, {row['num_examples']} examples)")
-        # the only time the secret is shown: the database keeps a hash of it
-        click.echo(f"secret (shown once): {row['secret']}")
-        click.echo(
-            f"added to {row['secrets_file']}; the workers of site {row['site']!r} need it "
-            "in their FEDVEC_CLIENT_SECRETS_FILE to train this client"
-        )
+        _echo_key(row)
         if row["policy_file"]:
             click.echo(
                 f"object-store policy (its own prefix only): {row['policy_file']}; apply it "
@@ -78,9 +74,41 @@ def clients(ctx: click.Context, as_json: bool) -> None:
                     r["site"],
                     r["num_examples"],
                     r["num_test_examples"],
+                    r["signing"],
                 ]
                 for r in rows
             ],
-            ["id", "name", "task", "site", "train", "test"],
+            ["id", "name", "task", "site", "train", "test", "signing"],
         )
     )
+
+
+def _echo_key(row: dict) -> None:
+    # the only time the private key is shown: the database keeps the public key
+    click.echo(f"private key (shown once): {row['private_key']}")
+    click.echo(
+        f"added to {row['keys_file']}; the workers of site {row['site']!r} need it in "
+        "their FEDVEC_CLIENT_SECRETS_FILE to train this client"
+    )
+
+
+@click.command("rotate-key")
+@click.argument("client")
+@click.option("--json", "as_json", is_flag=True, help="print the client and its new key as JSON")
+@click.pass_context
+def rotate_key(ctx: click.Context, client: str, as_json: bool) -> None:
+    """Give CLIENT a new Ed25519 key pair (a client still on HMAC moves to one).
+
+    The new private key replaces the client's entry in FEDVEC_CLIENT_SECRETS_FILE: deliver
+    it to the client's site. From now on the aggregator verifies with the new public key
+    only: updates signed with the old key (in flight, or from a site that leaked it) are
+    refused."""
+    settings = settings_of(ctx)
+    check_db(settings)
+    (c,) = ops.resolve_clients(settings, [client])
+    row = ops.rotate_key(settings, c)
+    if as_json:
+        echo_json(row)
+    else:
+        click.echo(f"new key pair for {row['name']} (id {row['id']})")
+        _echo_key(row)
