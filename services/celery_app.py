@@ -69,6 +69,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": max(1.0, min(10.0, timeout / 4)),
             "unacked_restore_throttle": 1,
         }
+        if settings.site not in SHARED_SITES:
+            # a site's in-flight messages under its own keys, which its broker user alone
+            # may touch (services/broker_acl.py); kombu's default is one hash for everyone
+            queue = train_queue(settings.site)
+            conf["broker_transport_options"] |= {
+                "unacked_key": f"unacked.{queue}",
+                "unacked_index_key": f"unacked.{queue}.index",
+                "unacked_mutex_key": f"unacked.{queue}.mutex",
+            }
+            # remote control (inspect, ping) is a broadcast that every worker hears and any
+            # may answer into the caller's reply key: not for workers in other companies
+            conf["worker_enable_remote_control"] = False
     if broker.startswith("filesystem://"):
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):

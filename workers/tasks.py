@@ -283,7 +283,9 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
 
 
 def publish_event(message: Message) -> None:
-    app.send_task(AGGREGATE_TASK, args=[message.to_dict()])
+    # declare=[]: no queue declaration on the way (a write to the aggregate queue's binding
+    # set); a site's broker user may only push onto the aggregate queue (broker_acl.py)
+    app.send_task(AGGREGATE_TASK, args=[message.to_dict()], declare=[])
 
 
 @app.task(name=TRAIN_TASK, bind=True, max_retries=None)

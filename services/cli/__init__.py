@@ -58,6 +58,7 @@ for command in (
     clients.enroll,
     clients.clients,
     clients.rotate_key,
+    clients.site_credentials,
     run.train,
     run.worker,
     run.aggregator,

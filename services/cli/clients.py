@@ -112,3 +112,50 @@ def rotate_key(ctx: click.Context, client: str, as_json: bool) -> None:
     else:
         click.echo(f"new key pair for {row['name']} (id {row['id']})")
         _echo_key(row)
+
+
+@click.command("site-credentials")
+@click.argument("site")
+@click.option(
+    "--apply/--print-only",
+    default=True,
+    show_default=True,
+    help="create the user on the broker (FEDVEC_BROKER_URL, an admin URL), or only print it",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def site_credentials(ctx: click.Context, site: str, apply: bool, as_json: bool) -> None:
+    """A Redis user for SITE's workers that reaches only that site's queue.
+
+    It may take tasks from train.SITE (and give them back), keep its in-flight messages
+    under its own keys, and push update events onto the aggregate queue without reading
+    it; every other key, channel and admin command is refused (README: Threat model).
+    Prints the broker URL, with a new password shown once, that the site's workers set
+    as FEDVEC_BROKER_URL (with FEDVEC_SITE=SITE). Running it again replaces the password.
+    Redis keeps ACL users in memory: run `ACL SAVE` on a broker with an aclfile."""
+    from services import broker_acl
+
+    settings = settings_of(ctx)
+    try:
+        creds = broker_acl.site_credentials(site, settings.resolved_broker_url)
+    except ValueError as exc:
+        raise ops.OperationError(str(exc)) from None
+    if apply:
+        broker_acl.apply(settings.resolved_broker_url, creds)
+    command = broker_acl.redis_cli_command(creds.acl_setuser())
+    if as_json:
+        echo_json(
+            {
+                "site": site,
+                "user": creds.user,
+                "broker_url": creds.broker_url,
+                "applied": apply,
+                "acl_setuser": creds.acl_setuser(),
+            }
+        )
+        return
+    click.echo(f"{'created' if apply else 'not applied:'} broker user {creds.user}")
+    if not apply:
+        click.echo(f"at the broker's redis-cli prompt (or piped into redis-cli): {command}")
+    click.echo(f"site {site}: FEDVEC_SITE={site} FEDVEC_BROKER_URL={creds.broker_url}")
+    click.echo("(the password is shown once)")
