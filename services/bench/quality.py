@@ -81,8 +81,9 @@ class BenchPlan:
     rounds: int = 3
     epochs: int = 1  # local epochs per round
     # at least this many LoRA steps per update (FEDVEC_MIN_STEPS): one epoch of 64 records at
-    # batch 8. The late client's 16 records would give 2 steps, a task vector too faint to
-    # find its group by; with 8 it repeats its data, as a client of 64 records takes 8.
+    # batch 8, fixed, not read from the data. The late client's 16 records would give 2
+    # steps, a task vector too faint to find its group by; with 8 it repeats its data. Any
+    # client under 64 records does too (flan8 --shards 4: 56 records, 8 steps, not 7).
     min_steps: int = 8
     train_per_client: int | None = None  # None: all of a client's training records
     test_per_client: int | None = None  # None: the whole test split
