@@ -592,10 +592,20 @@ def test_updates_must_be_signed_with_the_clients_key(harness):
     with session_scope(harness.db) as s:
         s.get(Client, a).public_key = public_key(key_a)
         s.get(Client, b).public_key = public_key(key_b)
+    from prometheus_client import REGISTRY
+
+    def rejected(reason: str) -> float:
+        return REGISTRY.get_sample_value("fedvec_updates_rejected_total", {"reason": reason})
+
+    before = {r: rejected(r) for r in ("bad_signature", "unsigned")}
     forged = harness.update(b, direction(1), None, key=key_a)  # signed as A
     unsigned = harness.update(b, direction(2), None)
     assert harness.agg.handle(forged.to_dict()) == "rejected"
     assert harness.agg.handle(unsigned.to_dict()) == "rejected"
+    # each refusal counted, under its reason; the same event again is a duplicate
+    assert rejected("bad_signature") == before["bad_signature"] + 1
+    assert rejected("unsigned") == before["unsigned"] + 1
+    assert harness.agg.handle(forged.to_dict()) == "duplicate"
     with session_scope(harness.db) as s:
         reasons = {
             u.uid: u.reason for u in s.scalars(select(Update).where(Update.status == "rejected"))
