@@ -22,6 +22,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "int | None": (int, type(None)),
     "str | None": (str, type(None)),
     "float": (float, int),
+    "bool": (bool,),
 }
 
 
@@ -49,7 +50,8 @@ class Message:
             value = data[f.name]
             allowed = _TYPES[str(f.type)]
             # bool is an int subclass; never a valid id or count here
-            if isinstance(value, bool) or not isinstance(value, allowed):
+            wrong_bool = isinstance(value, bool) and bool not in allowed
+            if wrong_bool or not isinstance(value, allowed):
                 raise InvalidMessage(
                     f"{cls.kind}: field {f.name!r} has type {type(value).__name__}"
                 )
@@ -59,20 +61,38 @@ class Message:
 
 @dataclass(frozen=True)
 class TrainRequest(Message):
-    """Worker queue: fine-tune a client from its current personalized adapter."""
+    """Worker queue: fine-tune a client from the personalized adapter the server names.
+
+    Everything the worker needs comes in the message (services/operations.train_request),
+    so that it reads nothing of the server's database: the client's data file at its site,
+    the adapter to start from (its object key and sha256; none for the shared initial one)
+    and whether the server verifies this client's signatures (a worker without its key then
+    refuses before training)."""
 
     kind: ClassVar[str] = "train.requested"
     client_id: int
+    client_name: str
+    data_path: str
+    base_version: int
+    base_key: str
+    base_sha256: str | None
+    signed: bool
     round_id: int | None = None
     request_id: str = field(default_factory=new_id)
 
 
 @dataclass(frozen=True)
 class EvaluateRequest(Message):
-    """Worker queue: score a client's personalized adapter on its test split."""
+    """Worker queue: score the personalized adapter the server names on the client's test
+    split (services/operations.evaluate_request)."""
 
     kind: ClassVar[str] = "evaluate.requested"
     client_id: int
+    client_name: str
+    test_path: str
+    base_version: int
+    base_key: str
+    base_sha256: str | None
     max_examples: int = 0  # 0: the whole test split
     request_id: str = field(default_factory=new_id)
 

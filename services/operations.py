@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from schema.events import EvaluateRequest, TrainRequest
 from schema.models import (
@@ -185,6 +186,70 @@ def resolve_clients(settings: Settings, names: Iterable[str], all_: bool = False
 
 
 # --- training --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CurrentAdapter:
+    version: int
+    key: str
+    sha256: str | None  # None: the shared initial adapter (its bytes are the workers')
+
+
+def current_adapter(s: Session, client_id: int) -> CurrentAdapter:
+    """The client's personalized adapter θ̄_i: its latest version, or the shared initial one."""
+    row = s.scalars(
+        select(PersonalizedAdapter)
+        .where(PersonalizedAdapter.client_id == client_id)
+        .order_by(PersonalizedAdapter.version.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        from services.adapter_store import INITIAL_ADAPTER_KEY  # imports torch: only here
+
+        return CurrentAdapter(0, INITIAL_ADAPTER_KEY, None)
+    return CurrentAdapter(row.version, row.key, row.sha256)
+
+
+def _client(s: Session, client_id: int) -> Client:
+    client = s.get(Client, client_id)
+    if client is None:
+        raise OperationError(f"unknown client id {client_id}")
+    return client
+
+
+def train_request(settings: Settings, client_id: int, round_id: int | None = None) -> TrainRequest:
+    """What a worker needs to train the client, as the server has it now."""
+    with session_scope(settings.resolved_database_url) as s:
+        client = _client(s, client_id)
+        base = current_adapter(s, client_id)
+        return TrainRequest(
+            client_id=client_id,
+            client_name=client.name,
+            data_path=client.data_path,
+            base_version=base.version,
+            base_key=base.key,
+            base_sha256=base.sha256,
+            signed=client.public_key is not None or client.secret_hash is not None,
+            round_id=round_id,
+        )
+
+
+def evaluate_request(settings: Settings, client_id: int, max_examples: int = 0) -> EvaluateRequest:
+    """What a worker needs to score the client's current personalized adapter."""
+    with session_scope(settings.resolved_database_url) as s:
+        client = _client(s, client_id)
+        if not client.test_path:
+            raise OperationError(f"client {client.name} was enrolled without a test split (--test)")
+        base = current_adapter(s, client_id)
+        return EvaluateRequest(
+            client_id=client_id,
+            client_name=client.name,
+            test_path=client.test_path,
+            base_version=base.version,
+            base_key=base.key,
+            base_sha256=base.sha256,
+            max_examples=max_examples,
+        )
+
+
 def start_round(settings: Settings, clients: list[Client], send: Callable[..., Any]) -> int:
     with session_scope(settings.resolved_database_url) as s:
         rnd = Round(participants=[c.id for c in clients], strategy=settings.strategy)
@@ -192,7 +257,7 @@ def start_round(settings: Settings, clients: list[Client], send: Callable[..., A
         s.flush()
         round_id = rnd.id
     for c in clients:
-        send_train(send, TrainRequest(client_id=c.id, round_id=round_id), site=c.site)
+        send_train(send, train_request(settings, c.id, round_id), site=c.site)
     return round_id
 
 
@@ -288,7 +353,7 @@ def evaluate(
     missing = [c.name for c in clients if not c.test_path]
     if missing:
         raise OperationError(f"clients enrolled without --test cannot be evaluated: {missing}")
-    requests = [EvaluateRequest(client_id=c.id, max_examples=max_examples) for c in clients]
+    requests = [evaluate_request(settings, c.id, max_examples) for c in clients]
     for c, r in zip(clients, requests, strict=True):
         send(EVALUATE_TASK, args=[r.to_dict()], queue=train_queue(c.site))
     uids = [r.request_id for r in requests]

@@ -14,7 +14,6 @@ import redis
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from schema.events import TrainRequest
 from schema.models import Update
 from services import broker_acl, processes
 from services import operations as ops
@@ -155,7 +154,8 @@ def test_a_site_worker_trains_under_its_own_broker_user(broker, embedded_setting
     worker = processes.start("worker", site_settings, tmp_path / "worker.log")
     try:
         send = make_app(admin_settings).send_task
-        ra, rb = TrainRequest(client_id=ca["id"]), TrainRequest(client_id=cb["id"])
+        ra = ops.train_request(admin_settings, ca["id"])
+        rb = ops.train_request(admin_settings, cb["id"])
         ops.send_train(send, ra, site=a)
         ops.send_train(send, rb, site=b)
         admin = redis.Redis.from_url(url)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from schema.events import TrainRequest, UpdateStored
+from schema.events import UpdateStored
 from schema.models import PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import operations as ops
@@ -113,7 +113,7 @@ def test_two_workers_out_of_order_updates_each_aggregated_exactly_once(deploymen
     orders = [enrolled, enrolled[::-1], enrolled[1:] + enrolled[:1]]
     for wave in orders:
         for c in wave:
-            ops.send_train(send, TrainRequest(client_id=c.id), site=c.site)
+            ops.send_train(send, ops.train_request(s, c.id), site=c.site)
     total = len(orders) * len(enrolled)
     dep.wait(f"{total} updates aggregated", lambda: _statuses(s)["aggregated"] == total)
 
@@ -170,8 +170,8 @@ def test_site_clients_are_trained_only_by_their_sites_workers(deployment):
     dep.start("aggregator", "aggregator")
     dep.start("worker", "worker-shared")
     send = dep.send()
-    ops.send_train(send, TrainRequest(client_id=c_private.id), site=c_private.site)
-    ops.send_train(send, TrainRequest(client_id=c_shared.id), site=c_shared.site)
+    ops.send_train(send, ops.train_request(s, c_private.id), site=c_private.site)
+    ops.send_train(send, ops.train_request(s, c_shared.id), site=c_shared.site)
     dep.wait("the shared client aggregated", lambda: _statuses(s)["aggregated"] == 1)
     time.sleep(2)  # the shared worker is idle now; the site's task must still be waiting
     assert _statuses(s) == {"aggregated": 1}
@@ -197,7 +197,7 @@ def test_worker_killed_mid_task_is_redelivered_and_completes_once(deployment):
     (client,) = ops.resolve_clients(s, [c.name])
     dep.start("aggregator", "aggregator")
     victim = dep.start("worker", "worker-victim")
-    req = TrainRequest(client_id=client.id)
+    req = ops.train_request(s, client.id)
     ops.send_train(dep.send(), req, site=client.site)
     dep.wait("training under way", lambda: "step 10/40" in dep.log("worker-victim"))
     os.killpg(victim.pid, signal.SIGKILL)  # no warm shutdown, no ack, no cleanup
@@ -236,7 +236,7 @@ def test_s3_outage_is_retried_with_backoff_and_the_update_completes(deployment):
     (client,) = ops.resolve_clients(s, [c.name])
     dep.start("worker", "worker")
     stop()  # S3 goes away before the task arrives
-    ops.send_train(dep.send(), TrainRequest(client_id=client.id), site=client.site)
+    ops.send_train(dep.send(), ops.train_request(s, client.id), site=client.site)
     dep.wait(
         "a retry after the S3 failure", lambda: "transient error, retry 1/20" in dep.log("worker")
     )

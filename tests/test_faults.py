@@ -45,7 +45,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine, select, text
 
-from schema.events import TrainRequest, UpdateStored
+from schema.events import UpdateStored
 from schema.models import PersonalizedAdapter, ProcessedEvent, Update
 from services import adapter_store as ads
 from services import operations as ops
@@ -537,8 +537,8 @@ def _run_redis_outage(dep: Deployment) -> RedisOutage:
     dep.wait_ready("aggregator")
     dep.wait_ready("worker")
     send = make_app(s).send_task
-    ops.send_train(send, TrainRequest(client_id=ids["A"]), site="default")
-    ops.send_train(send, TrainRequest(client_id=ids["C"]), site="default")  # queued behind A
+    ops.send_train(send, ops.train_request(s, ids["A"]), site="default")
+    ops.send_train(send, ops.train_request(s, ids["C"]), site="default")  # queued behind A
     dep.wait("A's update committed", lambda: (gate / "publishing").exists(), timeout=120)
     a_uid = (gate / "publishing").read_text()
     dep.redis.stop()
@@ -546,7 +546,7 @@ def _run_redis_outage(dep: Deployment) -> RedisOutage:
     dep.wait("the send to fail", lambda: f"update={a_uid} failed" in dep.log("worker"))
     time.sleep(2)
     dep.redis.start()  # the same port; empty
-    b = TrainRequest(client_id=ids["B"])
+    b = ops.train_request(s, ids["B"])
     ops.send_train(make_app(s).send_task, b, site="default")
     dep.wait("B aggregated", lambda: status_of(dep.db, b.request_id) == "aggregated", 120)
     deadline = time.monotonic() + 20  # the periodic recovery pass (every 2 s here)
@@ -659,7 +659,7 @@ def _run_s3_outage(dep: Deployment, endpoint: str, stops: list[Callable[[], None
     dep.wait_ready("worker")
     event = h.update(h_id, direction(1), None)  # objects and row, while S3 is up
     stops.pop()()  # S3 goes away for good
-    req = TrainRequest(client_id=w.id)
+    req = ops.train_request(s, w.id)
     ops.send_train(make_app(s).send_task, req, site=w.site)
     dep.send_event(event)
     dep.wait("w's update failed", lambda: status_of(dep.db, req.request_id) == "failed", 120)
@@ -749,7 +749,7 @@ def test_worker_killed_mid_upload_leaves_an_orphan_gc_collects(deployment):
     dep.start("aggregator", "aggregator")
     victim = dep.start_wrapped("worker", "worker-victim", "mid-upload", "")
     dep.wait_ready("aggregator")
-    req = TrainRequest(client_id=client.id)
+    req = ops.train_request(s, client.id)
     ops.send_train(make_app(s).send_task, req, site=client.site)
     try:
         victim.wait(timeout=120)

@@ -12,7 +12,6 @@ import pytest
 from celery import Celery, Task
 from prometheus_client import REGISTRY
 
-from schema.events import TrainRequest
 from services import metrics
 from services import operations as ops
 from services.celery_app import retry_or_fail
@@ -138,7 +137,7 @@ def test_a_fine_tune_counts_samples_and_tokens(embedded_settings, tmp_path):
     names = ("fedvec_finetune_samples_total", "fedvec_finetune_tokens_total")
     before = {n: value(n) for n in names} | {"runs": value("fedvec_finetune_seconds_count")}
     published: list = []
-    out = run_training(settings, TrainRequest(client_id=client["id"]), published.append)
+    out = run_training(settings, ops.train_request(settings, client["id"]), published.append)
     assert out["status"] == "stored" and out["steps"] == 1 and len(published) == 1
     # one step over both examples: the tokens of every (prompt, option) pair, unpadded
     tok = get_runtime(settings).tokenizer

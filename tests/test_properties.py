@@ -64,6 +64,7 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "int | None": st.none() | st.integers(),
     "str | None": st.none() | st.text(max_size=12),
     "float": st.floats(allow_nan=False, allow_infinity=False) | st.integers(),
+    "bool": st.booleans(),
 }
 
 

@@ -50,8 +50,27 @@ def test_events_round_trip():
     assert parse_event(e.to_dict()) == e
     f = UpdateFailed(update_uid="u2", client_id=4, round_id=7)
     assert parse_event(f.to_dict()) == f
-    t = TrainRequest(client_id=1, round_id=2)
+    t = TrainRequest(
+        client_id=1,
+        client_name="a",
+        data_path="/site/a.jsonl",
+        base_version=0,
+        base_key="global/initial_adapter.safetensors",
+        base_sha256=None,
+        signed=True,
+        round_id=2,
+    )
     assert TrainRequest.from_dict(t.to_dict()) == t
+    # a request names everything a worker needs: none of it may be missing or mistyped
+    for name in ("data_path", "base_key", "base_sha256", "signed"):
+        data = t.to_dict()
+        del data[name]
+        with pytest.raises(InvalidMessage, match=f"missing field '{name}'"):
+            TrainRequest.from_dict(data)
+    with pytest.raises(InvalidMessage, match="'signed' has type int"):
+        TrainRequest.from_dict({**t.to_dict(), "signed": 1})
+    with pytest.raises(InvalidMessage, match="'base_version' has type bool"):
+        TrainRequest.from_dict({**t.to_dict(), "base_version": True})
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,12 @@ import base64
 import json
 import logging
 import stat
-import uuid
 
 import pytest
 from click.testing import CliRunner
 from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import select, text
 
-from schema.events import TrainRequest
 from schema.models import Client, Update
 from services import operations as ops
 from services.cli import cli
@@ -160,7 +158,7 @@ def test_a_worker_without_the_clients_key_writes_nothing(enrolled, tmp_path):
     site_a = tmp_path / "site-a-keys.json"
     add_secret(site_a, a["id"], a["private_key"])
     worker_a = settings.replace(client_secrets_file=str(site_a), max_steps=1, batch_size=2)
-    req = TrainRequest(client_id=b["id"])
+    req = ops.train_request(settings, b["id"])
     with pytest.raises(SigningError, match=f"holds no key for client {b['id']}"):
         run_training(worker_a, req, lambda _m: None)
     with session_scope(settings.resolved_database_url) as s:
@@ -175,9 +173,7 @@ def test_a_worker_signs_with_the_key_the_aggregator_verifies(enrolled, caplog):
     a = ops.enroll(settings, "a", clients[0].train_path)
     events = []
     settings = settings.replace(max_steps=1, batch_size=2, max_length=32, torch_threads=1)
-    run_training(
-        settings, TrainRequest(client_id=a["id"], request_id=str(uuid.uuid4())), events.append
-    )
+    run_training(settings, ops.train_request(settings, a["id"]), events.append)
     with session_scope(settings.resolved_database_url) as s:
         u = s.scalars(select(Update)).one()
         assert verify(

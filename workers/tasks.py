@@ -13,7 +13,6 @@ import json
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
@@ -24,7 +23,7 @@ from aggregator.sketch import sketch_state_dict
 from aggregator.sketch import to_bytes as sketch_bytes
 from aggregator.task_vectors import StateDict, norm, task_vector
 from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, UpdateStored
-from schema.models import Client, Evaluation, PersonalizedAdapter, Update, UpdateStatus
+from schema.models import Evaluation, Update, UpdateStatus
 from services import adapter_store as ads
 from services import metrics
 from services.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
@@ -33,7 +32,7 @@ from services.context import object_store
 from services.db import session_scope
 from services.object_store import ObjectStore
 from services.settings import Settings
-from services.signing import secret_for, sign_update
+from services.signing import read_secrets, secret_for, sign_update
 from workers.model import (
     ModelRuntime,
     TrainResult,
@@ -48,27 +47,6 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Message], None]
 
 _INITIAL_WRITTEN: set[str] = set()  # stores that hold the initial adapter already
-
-
-@dataclass(frozen=True)
-class CurrentAdapter:
-    version: int
-    key: str
-    sha256: str | None
-
-
-def current_adapter(db_url: str, client_id: int) -> CurrentAdapter:
-    """The client's personalized adapter θ̄_i: its latest version, or the shared initial one."""
-    with session_scope(db_url) as s:
-        row = s.scalars(
-            select(PersonalizedAdapter)
-            .where(PersonalizedAdapter.client_id == client_id)
-            .order_by(PersonalizedAdapter.version.desc())
-            .limit(1)
-        ).first()
-        if row is None:
-            return CurrentAdapter(0, ads.INITIAL_ADAPTER_KEY, None)
-        return CurrentAdapter(row.version, row.key, row.sha256)
 
 
 def ensure_initial_adapter(store: ObjectStore, runtime: ModelRuntime, settings: Settings) -> None:
@@ -86,9 +64,12 @@ def ensure_initial_adapter(store: ObjectStore, runtime: ModelRuntime, settings: 
     _INITIAL_WRITTEN.add(store.describe())
 
 
-def load_current(store: ObjectStore, settings: Settings, current: CurrentAdapter) -> StateDict:
+def load_base(
+    req: TrainRequest | EvaluateRequest, store: ObjectStore, settings: Settings
+) -> StateDict:
+    """The adapter the request names, checked against its sha256 (none: the initial one)."""
     return ads.get_state(
-        store, current.key, max_bytes=settings.max_adapter_bytes, expected_sha256=current.sha256
+        store, req.base_key, max_bytes=settings.max_adapter_bytes, expected_sha256=req.base_sha256
     )
 
 
@@ -107,32 +88,27 @@ def run_training(
 ) -> dict[str, Any]:
     """`worker`: who trained it, kept on the update row (the Celery node name)."""
     db_url = settings.resolved_database_url
-    uid = req.request_id
+    uid, name = req.request_id, req.client_name
     with session_scope(db_url) as s:
-        client = s.get(Client, req.client_id)
-        if client is None:
-            raise LookupError(f"unknown client id {req.client_id} (request {uid})")
         existing = s.scalars(select(Update).where(Update.uid == uid)).first()
         if existing is not None:  # redelivered: the work is done
-            log.info("client=%s update=%s already %s", client.name, uid, existing.status)
+            log.info("client=%s update=%s already %s", name, uid, existing.status)
             return {"update_uid": uid, "status": existing.status, "duplicate": True}
-        name, data_path = client.name, client.data_path
-        # a client with a key is trained only where its key is: refuse before training
-        site_key = (
-            secret_for(settings.client_secrets_path, req.client_id)
-            if client.public_key is not None or client.secret_hash is not None
-            else None
-        )
-
+    # a client whose updates the server verifies is trained only where its key is: refuse
+    # before training
+    site_key = (
+        secret_for(settings.client_secrets_path, req.client_id)
+        if req.signed
+        else read_secrets(settings.client_secrets_path).get(str(req.client_id))
+    )
     store = object_store(settings)
-    current = current_adapter(db_url, req.client_id)
     adapter_key, tv_key = ads.update_keys(req.client_id, uid)
     try:
         runtime = get_runtime(settings)
         ensure_initial_adapter(store, runtime, settings)
-        examples = load_examples(data_path)
-        start = load_current(store, settings, current)
-        seed = training_seed(settings, req.client_id, current.version)
+        examples = load_examples(req.data_path)
+        start = load_base(req, store, settings)
+        seed = training_seed(settings, req.client_id, req.base_version)
         every = max(1, runtime.planned_steps(len(examples)) // 4)
 
         def progress(step: int, total: int, loss: float) -> None:
@@ -143,7 +119,7 @@ def run_training(
             "client=%s update=%s training from version %d on %d examples",
             name,
             uid,
-            current.version,
+            req.base_version,
             len(examples),
         )
         result = runtime.train(start, examples, seed=seed, progress=progress)
@@ -166,7 +142,7 @@ def run_training(
             uid=uid,
             client_id=req.client_id,
             round_id=req.round_id,
-            base_version=current.version,
+            base_version=req.base_version,
             status=UpdateStatus.STORED,
             adapter_key=adapter_key,
             adapter_sha256=adapter_sha,
@@ -239,20 +215,14 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
         done = s.scalars(select(Evaluation).where(Evaluation.uid == req.request_id)).first()
         if done is not None:  # redelivered: the work is done
             return {"client_id": req.client_id, "version": done.adapter_version, "duplicate": True}
-        client = s.get(Client, req.client_id)
-        if client is None:
-            raise LookupError(f"unknown client id {req.client_id}")
-        if not client.test_path:
-            raise ValueError(f"client {client.name} was enrolled without a test split (--test)")
-        name, test_path = client.name, client.test_path
-    examples = load_examples(test_path)
+    name = req.client_name
+    examples = load_examples(req.test_path)
     if req.max_examples > 0:
         examples = examples[: req.max_examples]
     store = object_store(settings)
     runtime = get_runtime(settings)
     ensure_initial_adapter(store, runtime, settings)
-    current = current_adapter(db_url, req.client_id)
-    runtime.load_adapter(load_current(store, settings, current))
+    runtime.load_adapter(load_base(req, store, settings))
     accuracy, loss, balanced = runtime.evaluate(examples)
     metric = metric_name(examples)
     try:
@@ -261,7 +231,7 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
                 Evaluation(
                     uid=req.request_id,
                     client_id=req.client_id,
-                    adapter_version=current.version,
+                    adapter_version=req.base_version,
                     metric=metric,
                     accuracy=accuracy,
                     balanced_accuracy=balanced,
@@ -270,16 +240,16 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
                 )
             )
     except IntegrityError:  # another delivery of this request committed first
-        return {"client_id": req.client_id, "version": current.version, "duplicate": True}
+        return {"client_id": req.client_id, "version": req.base_version, "duplicate": True}
     log.info(
         "client=%s evaluated version %d: %s %.3f on %d examples",
         name,
-        current.version,
+        req.base_version,
         metric,
         accuracy,
         len(examples),
     )
-    return {"client_id": req.client_id, "version": current.version, "accuracy": accuracy}
+    return {"client_id": req.client_id, "version": req.base_version, "accuracy": accuracy}
 
 
 def publish_event(message: Message) -> None:

@@ -25,7 +25,6 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from schema.events import TrainRequest
 from schema.models import PersonalizedAdapter, Update, UpdateStatus
 from services import operations as ops
 from services import processes
@@ -96,7 +95,7 @@ def run_latency_bench(
             t0 = time.monotonic()
             for i in range(updates):
                 c = enrolled[i % len(enrolled)]
-                ops.send_train(send, TrainRequest(client_id=c.id), site=c.site)
+                ops.send_train(send, ops.train_request(s, c.id), site=c.site)
 
             def check() -> tuple[bool, int]:
                 with session_scope(s.resolved_database_url) as ses:

@@ -47,7 +47,7 @@ from unittest import mock
 
 from sqlalchemy import select
 
-from schema.events import EvaluateRequest, Message, TrainRequest
+from schema.events import Message, TrainRequest
 from schema.models import Client, PersonalizedAdapter, RoundStatus, Update, UpdateStatus
 from services import adapter_store as ads
 from services import operations as ops
@@ -260,7 +260,7 @@ def run_once(
         accuracy: dict[str, float] = {}
         for c in clients:
             # the worker's evaluate task body, in process
-            req = EvaluateRequest(client_id=ids[c.name])
+            req = ops.evaluate_request(s, ids[c.name])
             accuracy[c.name] = run_evaluation(s, req)["accuracy"]
             bar.update(1)
     with session_scope(s.resolved_database_url) as ses:

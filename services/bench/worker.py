@@ -398,7 +398,6 @@ def finetune_overhead(
     settings: Settings, plan: WorkerBenchPlan, work: Path, progress: Progress
 ) -> dict[str, Any]:
 
-    from schema.events import TrainRequest
     from services import operations as ops
     from services import processes
     from services.celery_app import make_app
@@ -446,7 +445,7 @@ def finetune_overhead(
         run_bare = bare.run
 
         def run_fedvec(timeout: float, *, warm: bool = True) -> dict[str, Any]:
-            req = TrainRequest(client_id=client_id)
+            req = ops.train_request(s, client_id)
             # before its first task the worker may not serve /metrics yet
             before = _scrape(metrics_url) if warm else {}
             sent = time.time()

@@ -54,7 +54,6 @@ def train(
 
     A synchronous round sends one training task per client to the workers and waits
     until the aggregator has published every participant's personalized adapter."""
-    from schema.events import TrainRequest
 
     settings = settings_of(ctx)
     check_db(settings)
@@ -62,7 +61,7 @@ def train(
     send = sender(settings)
     if async_:
         for c in chosen:
-            ops.send_train(send, TrainRequest(client_id=c.id), site=c.site)
+            ops.send_train(send, ops.train_request(settings, c.id), site=c.site)
         click.echo(f"sent {len(chosen)} asynchronous training requests")
         return
     if rounds > 1 and not wait:
