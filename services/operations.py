@@ -332,8 +332,7 @@ def round_summary(settings: Settings, round_id: int) -> dict[str, Any]:
             "failed": [
                 {"client_id": u.client_id, "update": u.uid, "reason": u.reason}
                 for u in updates
-                if u.status
-                in (UpdateStatus.FAILED, UpdateStatus.REJECTED, UpdateStatus.QUARANTINED)
+                if u.status in PROBLEMS
             ],
         }
 
