@@ -54,6 +54,7 @@ def test_small_run_writes_the_report_and_task_vectors_separate_tasks(tmp_path):
     assert meta["calibration"]["group_threshold_z"] in plan.z_grid
     assert meta["calibration"]["new_client_task"] in {"news-topic", "tweet-sentiment"}
     assert len(meta["adjusted_rand_index"]["fedbip"]["0"]) == plan.rounds
+    assert isinstance(meta["mixed_groups_last_round"]["fedbip"]["0"], list)
     assert all(r["balanced_accuracy"] != "" for r in rows if r["kind"] == "personalized")
     assert summary["meta"]["strategies"] == ["fedbip"]
 

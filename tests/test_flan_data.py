@@ -145,3 +145,29 @@ def test_the_threshold_is_chosen_in_the_middle_of_the_best_plateau():
     assert choose_z(score) == 2.5
     assert choose_z({1.0: 0.2, 2.0: 0.9, 3.0: 0.4, NO_GROUPING_Z: 0.0}) == 2.0
     assert choose_z({1.0: 0.1, NO_GROUPING_Z: 1.0}) == NO_GROUPING_Z
+
+
+def test_mixed_groups_are_the_groups_that_hold_more_than_one_task():
+    from services.bench.quality import mixed_groups
+
+    task_of = {"a1": "trec", "a2": "trec", "b1": "wic", "b2": "wic", "c1": "cola"}
+    # trec alone in two groups is not mixed; wic + cola is, and so is trec + wic
+    groups = {"a1": 0, "a2": 1, "b1": 2, "c1": 2, "b2": 1}
+    assert mixed_groups(groups, task_of) == [["cola", "wic"], ["trec", "wic"]]
+    assert mixed_groups({"a1": 0, "a2": 0, "b1": 1, "b2": 2, "c1": 3}, task_of) == []
+    assert mixed_groups({"a1": 0, "late": 0}, task_of) == []  # unknown names are left out
+
+
+def test_stored_results_depend_on_the_settings_that_can_change_them():
+    import dataclasses
+
+    from services.bench.quality import RESULT_NEUTRAL, result_settings
+    from services.settings import Settings, load_settings
+
+    names = {f.name for f in dataclasses.fields(Settings)}
+    assert RESULT_NEUTRAL <= names  # no misspelt name that would leave a setting in
+    s = load_settings(environ={})
+    neutral = s.replace(accept_hmac=False, log_level="DEBUG", metrics_port=9100, home="/x")
+    assert result_settings(neutral) == result_settings(s)
+    for change in ({"learning_rate": 2e-3}, {"min_steps": 4}, {"strategy": "local"}):
+        assert result_settings(s.replace(**change)) != result_settings(s)

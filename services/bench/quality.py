@@ -442,6 +442,41 @@ def reference_scores(
     return out
 
 
+# Settings that cannot change a result (where state lives, how to reach the services, retry
+# and logging policy): left out of a result's fingerprint, so that such a setting, or a new
+# one of its kind, does not void stored results. Any other setting, new ones included, is
+# in it: forgetting to list one here costs a rerun, never a stale result.
+RESULT_NEUTRAL = frozenset(
+    {
+        "home",
+        "database_url",
+        "object_store_url",
+        "s3_endpoint",
+        "s3_access_key",
+        "s3_secret_key",
+        "s3_secure",
+        "s3_region",
+        "broker_url",
+        "broker_polling_interval",
+        "broker_visibility_timeout",
+        "site",
+        "task_max_retries",
+        "recover_interval",
+        "retry_backoff_max",
+        "startup_timeout",
+        "client_secrets_file",
+        "accept_hmac",
+        "log_level",
+        "metrics_port",
+    }
+)
+
+
+def result_settings(settings: Settings) -> dict[str, Any]:
+    """The settings a result depends on (for its fingerprint)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in RESULT_NEUTRAL}
+
+
 def _fingerprint(*parts: Any) -> str:
     """What a stored result was made with: a later run reuses it only if this matches."""
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -476,6 +511,16 @@ def rand_index_per_round(groups: list[dict[str, int]], task_of: dict[str, str]) 
     return out
 
 
+def mixed_groups(by_client: dict[str, int], task_of: dict[str, str]) -> list[list[str]]:
+    """The groups of one round that hold clients of more than one task, as their sorted
+    tasks (a group of one task's clients, however many, is not mixed)."""
+    tasks: dict[int, set[str]] = {}
+    for name, group in by_client.items():
+        if name in task_of:
+            tasks.setdefault(group, set()).add(task_of[name])
+    return sorted(sorted(t) for t in tasks.values() if len(t) > 1)
+
+
 def run_quality_bench(
     settings: Settings, plan: BenchPlan, out_dir: Path, echo: Echo, command: str = ""
 ) -> dict[str, Any]:
@@ -504,7 +549,7 @@ def run_quality_bench(
     # what every run shares; the strategies and seeds asked for are not part of it, so a
     # run with more of them reuses the stored ones (each run's print has its own)
     shared = {k: v for k, v in dataclasses.asdict(plan).items() if k not in ("strategies", "seeds")}
-    base_print = _fingerprint(shared, settings.public_dict())
+    base_print = _fingerprint(shared, result_settings(settings))
     calibration_print = _fingerprint(base_print, "calibration", plan.seeds[0])
     calibration = _cached(out_dir / "results" / "calibration.json", calibration_print)
     if calibration is None:
@@ -524,6 +569,7 @@ def run_quality_bench(
     rows: list[dict[str, Any]] = []
     groups: dict[str, list[dict[str, int]]] = {}
     rand_index: dict[str, dict[str, list[float]]] = {}
+    mixed: dict[str, dict[str, list[list[str]]]] = {}  # strategy -> seed -> mixed groups
     similarity: dict[str, Any] | None = None
     for seed in plan.seeds:
         for strategy in plan.strategies:
@@ -554,6 +600,9 @@ def run_quality_bench(
                     groups[strategy] = result["groups"]
                 per_round = rand_index_per_round(result["groups"], task_of)
                 rand_index.setdefault(strategy, {})[str(seed)] = per_round
+                mixed.setdefault(strategy, {})[str(seed)] = mixed_groups(
+                    result["groups"][-1], task_of
+                )
             if result["similarity"] is not None:
                 similarity = {**result["similarity"], "strategy": strategy, "seed": seed}
     meta = {
@@ -582,6 +631,7 @@ def run_quality_bench(
         },
         "calibration": calibration,
         "adjusted_rand_index": rand_index,
+        "mixed_groups_last_round": mixed,
         "train_per_client": plan.train_per_client or "all",
         "test_per_client": plan.test_per_client or "full",
         "validation": plan.validation,

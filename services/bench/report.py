@@ -590,6 +590,13 @@ def _markdown(data: QualityData, summary: dict, plots: dict[str, str | None]) ->
         for s, by_seed in rand.items():
             for seed, values in sorted(by_seed.items()):
                 lines.append(f"- **{s}**, seed {seed}: " + ", ".join(f"{v:.2f}" for v in values))
+        mixed = meta.get("mixed_groups_last_round") or {}
+        if mixed:
+            lines += ["", "Groups at the last round that hold more than one task:", ""]
+            for s, by_seed in mixed.items():
+                for seed, groups in sorted(by_seed.items()):
+                    text = "; ".join(" + ".join(g) for g in groups) if groups else "none"
+                    lines.append(f"- **{s}**, seed {seed}: {text}")
     lines += ["", "## Reading the numbers", ""]
     lines.append(" ".join(summary["reading"]) or "No personalized measurements.")
     groups = summary["groups"]
