@@ -83,7 +83,7 @@ class StatusSource:
             url = redact_url(self.settings.resolved_database_url)
             message = f"{one_line('database', exc)} ({url})"
             if self.strict:
-                raise ops.OperationError(message) from None
+                raise exc  # the CLI says it in one line, as for every command (exit 3)
             return message
         if self.strict:
             raise exc

@@ -137,8 +137,8 @@ def test_unreachable_database_is_shown_in_every_frame(embedded_settings):
 def test_one_shot_status_fails_fast_on_an_unreachable_database(embedded_settings):
     settings = embedded_settings.replace(database_url=UNREACHABLE_DB)
     result = run(settings, "status")
-    assert result.exit_code == 2
-    assert "error: database unreachable: " in result.output and "Traceback" not in result.output
+    assert result.exit_code == 3  # like every command (README: exit codes)
+    assert "error: database unreachable at " in result.output and "Traceback" not in result.output
 
 
 def test_watch_survives_an_outage_that_starts_after_it_began(postgres_url, embedded_settings):

@@ -12,11 +12,14 @@ import click
 
 from services import operations as ops
 from services.cli import bench, clients, data, observe, run
+from services.cli.common import UNREACHABLE_EXIT, unreachable
 from services.settings import load_settings
 
 
 class FedvecGroup(click.Group):
-    """Turns expected refusals into one readable line and exit code 2."""
+    """Turns expected refusals into one readable line and exit code 2, and an unreachable
+    database, broker or object store into one line and exit code 3 (--debug: the
+    traceback instead)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from services.db import SchemaNotReady
@@ -26,12 +29,20 @@ class FedvecGroup(click.Group):
         except (ops.OperationError, SchemaNotReady, ValueError, FileNotFoundError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Exception as exc:
+            obj = ctx.obj or {}
+            line = None if obj.get("debug") else unreachable(exc, obj.get("settings"))
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
+            sys.exit(UNREACHABLE_EXIT)
 
 
 @click.group(cls=FedvecGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (default: FEDVEC_LOG_LEVEL)")
+@click.option("--debug", is_flag=True, help="show the traceback of an unreachable service")
 @click.pass_context
-def cli(ctx: click.Context, log_level: str | None) -> None:
+def cli(ctx: click.Context, log_level: str | None, debug: bool) -> None:
     """fedvec: personalized federated fine-tuning by task-vector aggregation.
 
     Clients fine-tune a LoRA adapter of a shared model on their private data; the
@@ -51,7 +62,7 @@ def cli(ctx: click.Context, log_level: str | None) -> None:
     # one line per command is enough from these libraries
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
-    ctx.obj = {"settings": settings}
+    ctx.obj = {"settings": settings, "debug": debug}
 
 
 for command in (

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 
@@ -70,3 +71,38 @@ def plan_with(base: P, **given: Any) -> P:
     """A benchmark's plan (its defaults, or --quick's) with the options the user gave; an
     option left out (None) keeps the plan's value."""
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+UNREACHABLE_EXIT = 3  # a service (database, broker, object store) could not be reached
+
+
+def unreachable(exc: BaseException, settings: Settings) -> str | None:
+    """One line for a database, broker or object store that cannot be reached: which one,
+    where (host:port, never a password), the setting to check and the driver's first
+    line. None: not such a failure (a bug keeps its traceback)."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    from services.object_store import TransientStoreError
+
+    if isinstance(exc, BrokerError | RedisConnectionError):
+        parts = urlsplit(settings.resolved_broker_url)
+        where, what, setting = f"{parts.hostname}:{parts.port or 6379}", "broker", "BROKER_URL"
+    elif isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
+        url = make_url(settings.resolved_database_url)
+        where = (
+            url.database or ""
+            if url.get_backend_name() == "sqlite"
+            else (f"{url.host}:{url.port or ''}")
+        )
+        what, setting = "database", "DATABASE_URL"
+    elif isinstance(exc, TransientStoreError):
+        where, what, setting = settings.s3_endpoint, "object store", "S3_ENDPOINT"
+    else:
+        return None
+    cause = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    first = lines[0] if lines else type(cause).__name__
+    return f"{what} unreachable at {where} (check FEDVEC_{setting}): {first}"
