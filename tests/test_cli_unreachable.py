@@ -78,3 +78,20 @@ def test_debug_shows_the_traceback(tmp_path):
     result = _run(["--debug", "clients"], env)
     assert result.exit_code == 1 and result.exception is not None
     assert type(result.exception).__name__ == "OperationalError"
+
+
+def test_an_unreachable_object_store_is_one_line_and_exit_3(tmp_path):
+    env = {"FEDVEC_HOME": str(tmp_path)}
+    assert _run(["db", "upgrade"], env).exit_code == 0
+    port = free_port()
+    env |= {
+        "FEDVEC_OBJECT_STORE_URL": "s3://fedvec",
+        "FEDVEC_S3_ENDPOINT": f"127.0.0.1:{port}",
+        "FEDVEC_S3_ACCESS_KEY": "site",
+        "FEDVEC_S3_SECRET_KEY": PASSWORD,
+    }
+    result = _run(["gc"], env)
+    assert result.exit_code == 3, result.output
+    line = _one_line(result)
+    assert line.startswith(f"error: object store unreachable at 127.0.0.1:{port}")
+    assert "FEDVEC_S3_ENDPOINT" in line

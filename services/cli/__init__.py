@@ -62,6 +62,7 @@ def cli(ctx: click.Context, log_level: str | None, debug: bool) -> None:
     # one line per command is enough from these libraries
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retries
     ctx.obj = {"settings": settings, "debug": debug}
 
 

@@ -92,7 +92,7 @@ def gc(ctx: click.Context, older_than: str, delete: bool, as_json: bool) -> None
     Without --delete this is a dry run: it lists what would be deleted and changes nothing.
     """
     from services.gc import collect, format_bytes, format_duration, parse_duration
-    from services.object_store import ObjectStoreError
+    from services.object_store import ObjectStoreError, TransientStoreError
 
     try:
         grace_s = parse_duration(older_than)
@@ -102,6 +102,8 @@ def gc(ctx: click.Context, older_than: str, delete: bool, as_json: bool) -> None
     check_db(settings)
     try:
         summary = collect(settings, grace_s, delete=delete)
+    except TransientStoreError:
+        raise  # unreachable: one line and exit 3, as for every command
     except ObjectStoreError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
