@@ -326,15 +326,39 @@ def wait_round(settings: Settings, round_id: int, *, timeout: float, show: bool 
 def round_summary(settings: Settings, round_id: int) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url) as s:
         updates = s.scalars(select(Update).where(Update.round_id == round_id)).all()
+        names = dict(s.execute(select(Client.id, Client.name)).tuples().all())
         return {
             "round": round_id,
             "updates": dict(Counter(u.status for u in updates)),
             "failed": [
-                {"client_id": u.client_id, "update": u.uid, "reason": u.reason}
+                {
+                    "client_id": u.client_id,
+                    "client": names.get(u.client_id),
+                    "update": u.uid,
+                    "status": u.status,
+                    "reason": u.reason,
+                }
                 for u in updates
                 if u.status in PROBLEMS
             ],
         }
+
+
+def count_phrase(counts: dict[str, int]) -> str:
+    """{"aggregated": 3, "failed": 1} -> "3 aggregated, 1 failed" ("none" when empty)."""
+    return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "none"
+
+
+def describe_round(summary: dict[str, Any]) -> str:
+    """A round's outcome for people: its counts, then a line per update that failed or was
+    refused, with the reason."""
+    lines = [f"round {summary['round']}: {count_phrase(summary['updates'])}"]
+    for f in summary["failed"]:
+        lines.append(
+            f"  {f['status']}: client {f['client'] or f['client_id']} update {f['update']}: "
+            f"{f['reason'] or 'no reason recorded'}"
+        )
+    return "\n".join(lines)
 
 
 # --- evaluation ------------------------------------------------------------------------

@@ -154,8 +154,8 @@ def render_status(frame: dict[str, Any], header: str | None = None) -> str:
                 ]
             )
         lines.append(
-            f"strategy {data['strategy']}; updates {data['updates']}; "
-            f"last round {data['last_round']}"
+            f"strategy {data['strategy']}; updates: {ops.count_phrase(data['updates'])}; "
+            f"last round: {_round(data['last_round'])}"
         )
         lines.append(
             table(rows, ["client", "site", "version", "group", "last update", "at", "note"])
@@ -167,6 +167,10 @@ def render_status(frame: dict[str, Any], header: str | None = None) -> str:
         queues += f" ({frame['broker_error']})"
     lines.append(queues)
     return "\n".join(lines)
+
+
+def _round(last: dict[str, Any] | None) -> str:
+    return "none" if last is None else f"{last['id']} ({last['status']})"
 
 
 def frame_json(frame: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -29,6 +30,9 @@ COMMANDS = [
     ["aggregator"],
     ["metrics"],
     ["demo"],
+    ["rotate-key"],
+    ["site-credentials"],
+    ["gc"],
     ["bench"],
     ["bench", "latency"],
     ["bench", "quality"],
@@ -160,3 +164,36 @@ def test_status_and_groups_before_any_training(settings, tmp_path):
     assert data["clients"][0]["personalized_version"] == 0
     assert data["queues"] == {"train": 0, "aggregate": 0}
     assert "no groups yet" in run(settings, "groups").output
+
+
+def test_train_refuses_rounds_below_one(embedded_settings):
+    env = settings_env(embedded_settings, {})
+    for n in ("0", "-1"):
+        result = CliRunner().invoke(cli, ["train", "--all", "--rounds", n], env=env)
+        assert result.exit_code == 2 and "--rounds" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_train_lists_what_failed_in_words_and_exits_1(embedded_settings, tmp_path):
+    """A round in which one client's update fails (its data file went away after
+    enrollment): `fedvec train` says so in a line per problem, no Python reprs, and exits 1."""
+    from services import processes
+    from services.demo_data import build_demo_clients
+
+    settings = embedded_settings.replace(max_steps=1, batch_size=4, max_length=32)
+    data = build_demo_clients(tmp_path / "data", train_per_client=4, test_per_client=2)
+    ops.enroll(settings, "good", data[0].train_path)
+    ops.enroll(settings, "gone", data[1].train_path)
+    data[1].train_path.unlink()
+    env = settings_env(settings, {})
+    with processes.service(settings, tmp_path / "logs"):
+        result = CliRunner().invoke(cli, ["train", "--all", "--timeout", "300"], env=env)
+    assert result.exit_code == 1, result.output
+    # CliRunner mixes the progress bar (stderr, redrawn with \r) into the output
+    out = result.output.replace("\r", "\n")
+    assert re.search(r"^ *round 1: 1 aggregated, 1 failed$", out, re.M), out
+    (failed,) = re.findall(r"^  failed: client gone update .*$", out, re.M)
+    assert "no such file" in failed
+    assert "{" not in out  # no dict reprs
+    status = CliRunner().invoke(cli, ["status"], env=env)
+    assert "updates: 1 aggregated, 1 failed; last round: 1 (aggregated)" in status.output

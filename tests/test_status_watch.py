@@ -63,7 +63,10 @@ def test_one_shot_status_keeps_its_output(enrolled):
     text = run(enrolled, "status")
     assert text.exit_code == 0, text.output
     lines = text.output.splitlines()
-    assert lines[0].startswith("strategy ") and lines[0].endswith("; updates {}; last round None")
+    # plain words, not Python reprs (issue 20: `updates {}`, `last round None` before)
+    assert lines[0].startswith("strategy ") and lines[0].endswith(
+        "; updates: none; last round: none"
+    )
     assert not text.output.startswith("fedvec status") and "Ctrl-C" not in text.output
     assert lines[-1] == "queues: train=0, aggregate=0, train.lab=0"
     data = json.loads(run(enrolled, "status", "--json").output)

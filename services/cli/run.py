@@ -4,6 +4,7 @@ the demo."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,13 @@ from services.cli.common import (
 @click.command()
 @click.argument("clients", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every enrolled client")
-@click.option("--rounds", default=1, show_default=True, help="synchronous rounds to run")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="synchronous rounds to run",
+)
 @click.option(
     "--async",
     "async_",
@@ -53,7 +60,8 @@ def train(
     """Fine-tune CLIENTS (names or ids), or --all, for N rounds.
 
     A synchronous round sends one training task per client to the workers and waits
-    until the aggregator has published every participant's personalized adapter."""
+    until the aggregator has published every participant's personalized adapter. Exits 1
+    when an update of a round failed or was rejected or quarantined (each is listed)."""
 
     settings = settings_of(ctx)
     check_db(settings)
@@ -76,13 +84,11 @@ def train(
         summary = ops.round_summary(settings, round_id)
         summaries.append(summary)
         if not as_json:
-            failed = summary["failed"]
-            click.echo(
-                f"round {round_id}: {summary['updates']}"
-                + (f" problems: {failed}" if failed else "")
-            )
+            click.echo(ops.describe_round(summary))
     if as_json:
         echo_json(summaries)
+    if any(summary["failed"] for summary in summaries):
+        sys.exit(1)  # some updates failed or were refused: their lines above say why
 
 
 @click.command()
