@@ -14,12 +14,15 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import task_failure, task_retry, task_success
+from kombu.transport import TRANSPORT_ALIASES
 
-from services import metrics
+from services import broker_folder, metrics
 from services.settings import Settings, load_settings
 from services.transient import backoff_seconds, is_transient
 
 log = logging.getLogger(__name__)
+
+TRANSPORT_ALIASES.setdefault(broker_folder.SCHEME, "services.broker_folder:Transport")
 
 TRAIN_QUEUE = "train"
 AGGREGATE_QUEUE = "aggregate"
@@ -82,6 +85,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # may answer into the caller's reply key: not for workers in other companies
             conf["worker_enable_remote_control"] = False
     if broker.startswith("filesystem://"):
+        # the same folder transport, with messages written atomically (broker_folder.py)
+        conf["broker_url"] = f"{broker_folder.SCHEME}://"
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)

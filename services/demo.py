@@ -65,10 +65,9 @@ def run_strategy(
     with running(s, home / "logs") as service:
         for r in range(1, rounds + 1):
             round_id = ops.start_round(s, enrolled, service.send)
-            service.wait(lambda rid=round_id: ops.wait_round(s, rid, timeout=timeout))
+            ops.wait_round(s, round_id, timeout=timeout, alive=service.alive)
             echo(f"  [{strategy}] round {r}/{rounds} aggregated ({time.perf_counter() - t0:.0f}s)")
-        service.alive()
-        evals = ops.evaluate(s, enrolled, service.send, timeout=timeout)
+        evals = ops.evaluate(s, enrolled, service.send, timeout=timeout, alive=service.alive)
     return {
         "strategy": strategy,
         "seconds": time.perf_counter() - t0,

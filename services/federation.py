@@ -48,14 +48,6 @@ class RunningService:
         if any(p.poll() is not None for p in self.procs):
             raise ops.OperationError(f"a fedvec process exited; see the logs in {self.log_dir}")
 
-    def wait(self, wait: Callable[[], Any]) -> Any:
-        """Run a wait (a round, an evaluation); when it fails, blame a dead process first."""
-        try:
-            return wait()
-        except ops.OperationError:
-            self.alive()
-            raise
-
 
 @contextmanager
 def running(settings: Settings, log_dir: Path, workers: int = 1) -> Iterator[RunningService]:

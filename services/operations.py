@@ -314,8 +314,20 @@ def wait_for(
             time.sleep(poll)
 
 
-def wait_round(settings: Settings, round_id: int, *, timeout: float, show: bool = True) -> None:
+def wait_round(
+    settings: Settings,
+    round_id: int,
+    *,
+    timeout: float,
+    show: bool = True,
+    alive: Callable[[], None] | None = None,
+) -> None:
+    """Until the round is aggregated. `alive`: called at each look, it raises when the
+    processes doing the work died (the caller started them), instead of the timeout."""
+
     def check() -> tuple[bool, int]:
+        if alive is not None:
+            alive()
         p = round_progress(settings, round_id)
         return p.status == RoundStatus.AGGREGATED, p.reported
 
@@ -370,7 +382,9 @@ def evaluate(
     max_examples: int = 0,
     timeout: float = 600,
     show: bool = True,
+    alive: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """Score each client's current adapter on the workers; `alive` as for wait_round."""
     from services.celery_app import EVALUATE_TASK, train_queue
 
     missing = [c.name for c in clients if not c.test_path]
@@ -382,6 +396,8 @@ def evaluate(
     uids = [r.request_id for r in requests]
 
     def done() -> tuple[bool, int]:
+        if alive is not None:
+            alive()
         with session_scope(settings.resolved_database_url) as s:
             n = s.scalar(
                 select(func.count()).select_from(Evaluation).where(Evaluation.uid.in_(uids))

@@ -344,14 +344,16 @@ def run_strategy(
         send = service.send
         for r in range(1, plan.rounds + 1):
             rid = ops.start_round(s, enrolled, send)
-            ops.wait_round(s, rid, timeout=3600, show=False)
+            ops.wait_round(s, rid, timeout=3600, show=False, alive=service.alive)
             if keep_similarity and r == 1:
                 similarity = round_one_similarity(s, evaluator, clients)
             if strategy in GROUPING:
                 groups.append(ops.group_of(s))
             last = r == plan.rounds
             limit = (plan.test_per_client or 0) if last else plan.round_eval_examples
-            for e in ops.evaluate(s, enrolled, send, max_examples=limit, timeout=3600, show=False):
+            for e in ops.evaluate(
+                s, enrolled, send, max_examples=limit, timeout=3600, show=False, alive=service.alive
+            ):
                 row(
                     r,
                     e["client"],
@@ -369,8 +371,15 @@ def run_strategy(
         ops.enroll(s, late.name, late.train_path, test=late.test_path, task=late.task)
         (newcomer,) = ops.resolve_clients(s, [late.name])
         rid = ops.start_round(s, [newcomer], send)
-        ops.wait_round(s, rid, timeout=3600, show=False)
-        (e,) = ops.evaluate(s, [newcomer], send, max_examples=plan.test_per_client or 0, show=False)
+        ops.wait_round(s, rid, timeout=3600, show=False, alive=service.alive)
+        (e,) = ops.evaluate(
+            s,
+            [newcomer],
+            send,
+            max_examples=plan.test_per_client or 0,
+            show=False,
+            alive=service.alive,
+        )
         task_of[late.name] = late.task
         row(
             1,
