@@ -92,11 +92,10 @@ def unreachable(exc: BaseException, settings: Settings) -> str | None:
         where, what, setting = f"{parts.hostname}:{parts.port or 6379}", "broker", "BROKER_URL"
     elif isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
         url = make_url(settings.resolved_database_url)
-        where = (
-            url.database or ""
-            if url.get_backend_name() == "sqlite"
-            else (f"{url.host}:{url.port or ''}")
-        )
+        if url.get_backend_name() == "sqlite":
+            where = url.database or ""
+        else:
+            where = f"{url.host}:{url.port or ''}"
         what, setting = "database", "DATABASE_URL"
     elif isinstance(exc, TransientStoreError):
         where, what, setting = settings.s3_endpoint, "object store", "S3_ENDPOINT"
