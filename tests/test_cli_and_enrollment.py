@@ -182,12 +182,17 @@ def test_train_lists_what_failed_in_words_and_exits_1(embedded_settings, tmp_pat
 
     settings = embedded_settings.replace(max_steps=1, batch_size=4, max_length=32)
     data = build_demo_clients(tmp_path / "data", train_per_client=4, test_per_client=2)
-    ops.enroll(settings, "good", data[0].train_path)
+    ops.enroll(settings, "good", data[0].train_path, test=data[0].test_path)
     ops.enroll(settings, "gone", data[1].train_path)
     data[1].train_path.unlink()
     env = settings_env(settings, {})
     with processes.service(settings, tmp_path / "logs"):
         result = CliRunner().invoke(cli, ["train", "--all", "--timeout", "300"], env=env)
+        evaluated = CliRunner().invoke(cli, ["evaluate", "good", "--timeout", "300"], env=env)
+    # balanced accuracy beside accuracy in every evaluation the CLI shows
+    assert evaluated.exit_code == 0, evaluated.output
+    (header,) = re.findall(r"^ *client .*$", evaluated.output.replace("\r", "\n"), re.M)
+    assert header.split() == ["client", "version", "accuracy", "balanced", "accuracy", "examples"]
     assert result.exit_code == 1, result.output
     # CliRunner mixes the progress bar (stderr, redrawn with \r) into the output
     out = result.output.replace("\r", "\n")

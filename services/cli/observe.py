@@ -51,10 +51,16 @@ def evaluate(
     click.echo(
         table(
             [
-                [r["client"], r["adapter_version"], f"{r['accuracy']:.3f}", r["num_examples"]]
+                [
+                    r["client"],
+                    r["adapter_version"],
+                    f"{r['accuracy']:.3f}",
+                    "-" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.3f}",
+                    r["num_examples"],
+                ]
                 for r in rows
             ],
-            ["client", "version", "accuracy", "examples"],
+            ["client", "version", "accuracy", "balanced accuracy", "examples"],
         )
     )
 
