@@ -227,7 +227,7 @@ def train_request(settings: Settings, client_id: int, round_id: int | None = Non
             base_version=base.version,
             base_key=base.key,
             base_sha256=base.sha256,
-            signed=client.public_key is not None or client.secret_hash is not None,
+            signed=signing_scheme(client) != "none",
             round_id=round_id,
         )
 
