@@ -1,5 +1,6 @@
-"""Reading an update's τ and θ from the object store: the signature checked before any byte
-is read, sha256 and tensor shapes checked after, and the result kept in a bounded in-memory
+"""Reading an update's τ and θ from the object store: sha256 (from the row, which
+aggregator/intake.py wrote only after checking the client's signature) and tensor shapes
+checked, and the result kept in a bounded in-memory
 cache (one update per client). Also reads the personalized adapters that aggregates start
 from."""
 
@@ -16,12 +17,11 @@ from sqlalchemy import select
 
 from aggregator import records
 from aggregator.task_vectors import InvalidTaskVector, StateDict, check_state_dict, shapes
-from schema.models import Client, PersonalizedAdapter, Update
+from schema.models import PersonalizedAdapter, Update
 from services import adapter_store as ads
 from services.db import session_scope
 from services.object_store import ObjectNotFound, ObjectStore
 from services.settings import Settings
-from services.signing import hmac_verify, verify
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,6 @@ class UpdateLoader:
         self.db_url = db_url
         self.cache = VectorCache()
         self._expected: dict[str, tuple[int, ...]] | None = None
-        # client id -> (public key, HMAC key) as the database holds them
-        self._client_keys: dict[int, tuple[str | None, str | None]] = {}
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the initial adapter: every τ, θ and θ̄ must have exactly these."""
@@ -130,7 +128,6 @@ class UpdateLoader:
         """τ and θ of an update, read and checked; RejectedUpdate if unusable."""
         if (cached := self.cache.get(update.id)) is not None:
             return cached
-        self._check_signature(update)  # before any of its bytes are read
         limit = self.settings.max_adapter_bytes
         try:
             tau = ads.get_state(
@@ -182,54 +179,3 @@ class UpdateLoader:
             ).one()
             key, sha = row.key, row.sha256
         return ads.get_state(self.store, key, max_bytes=limit, expected_sha256=sha)
-
-    def _check_signature(self, update: Update) -> None:
-        """The worker signed the row with the client's private key (services/signing.py);
-        the row's sha256 then vouch for the files. A client not yet rotated to a key pair
-        is verified by HMAC while FEDVEC_ACCEPT_HMAC allows; clients enrolled before signing
-        existed have neither, and their updates are taken unsigned."""
-        try:
-            self._verify(update, *self._keys(update.client_id))
-        except RejectedUpdate:
-            # the key may have been rotated since it was cached: check once more with the
-            # database's key before refusing
-            self._client_keys.pop(update.client_id, None)
-            self._verify(update, *self._keys(update.client_id))
-
-    def _keys(self, client_id: int) -> tuple[str | None, str | None]:
-        if client_id in self._client_keys:
-            return self._client_keys[client_id]
-        with session_scope(self.db_url) as s:
-            client = s.get(Client, client_id)
-            keys = (client.public_key, client.secret_hash) if client else (None, None)
-        if keys != (None, None):  # a client without a key is read again: it may get one
-            self._client_keys[client_id] = keys
-        return keys
-
-    def _verify(self, update: Update, public: str | None, hmac_key: str | None) -> None:
-        if public is None and hmac_key is None:
-            return
-        if not update.signature:
-            raise RejectedUpdate(f"update is not signed (client {update.client_id})", "unsigned")
-        fields = (
-            update.client_id,
-            update.uid,
-            update.adapter_sha256 or "",
-            update.task_vector_sha256 or "",
-        )
-        if public is not None:
-            ok = verify(public, update.signature, *fields)
-        elif not self.settings.accept_hmac:
-            raise RejectedUpdate(
-                f"client {update.client_id} signs with HMAC, which FEDVEC_ACCEPT_HMAC=false "
-                "refuses: give it a key pair with `fedvec rotate-key`",
-                "bad_signature",
-            )
-        else:
-            ok = hmac_verify(hmac_key, update.signature, *fields)
-        if not ok:
-            raise RejectedUpdate(
-                f"signature does not match: not signed with client {update.client_id}'s "
-                "key, or the row was changed after signing",
-                "bad_signature",
-            )

@@ -1,5 +1,7 @@
-"""The event-driven aggregator: consumes `update.stored` / `update.failed`, validates task
-vectors, keeps the similarity edges and groups, and publishes personalized adapters.
+"""The event-driven aggregator: consumes the workers' reports (`update.reported`,
+`update.failed`, `evaluation.reported`, checked and recorded by aggregator/intake.py) and
+`update.stored` (the server side's own: recovery, benchmarks), validates task vectors,
+keeps the similarity edges and groups, and publishes personalized adapters.
 
 One consumer handles the aggregate queue, so regrouping is serialized. Each event is
 idempotent: it is recorded in `processed_events`, an update is aggregated only while its
@@ -16,7 +18,8 @@ accepted updates (aggregator/screening.py): one with a norm far above theirs, or
 sign-flipped copy of one of them, is `quarantined` — kept with the reason on its row, never
 aggregated, counted in fedvec_updates_quarantined_total; its client keeps its adapter.
 
-The parts, each owning its own state: loader.py (τ, θ read and verified, their cache),
+The parts, each owning its own state: intake.py (reports checked against the request and
+the client's key, then recorded), loader.py (τ, θ read and verified, their cache),
 screening.py (the one screening policy), peer_index.py (the sketch index, with
 FEDVEC_AGGREGATE_PEERS), records.py (update and round rows: reject, quarantine, supersede),
 publish.py (personalized adapters, similarity edges, groups, the commit). This class drives
@@ -25,6 +28,7 @@ them: event intake, aggregation, recovery.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -35,6 +39,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aggregator import outliers, records
+from aggregator.intake import Intake, Refused
 from aggregator.loader import Loaded, UpdateLoader
 from aggregator.peer_index import PeerIndex
 from aggregator.publish import Current, Publisher, current_adapters
@@ -42,11 +47,20 @@ from aggregator.screening import Screening
 from aggregator.similarity import cosine_matrix
 from aggregator.strategies import Contribution, Strategy, get_strategy
 from aggregator.task_vectors import flatten
-from schema.events import InvalidMessage, UpdateFailed, UpdateStored, parse_event
+from schema.events import (
+    EvaluationReported,
+    Event,
+    InvalidMessage,
+    UpdateFailed,
+    UpdateStored,
+    parse_event,
+)
 from schema.models import ProcessedEvent, Round, RoundStatus, Update, UpdateStatus
+from services import adapter_store as ads
 from services import metrics
 from services.context import object_store
 from services.db import exclusive, session_scope
+from services.object_store import ObjectNotFound, ObjectTooLarge
 from services.settings import Settings
 from services.transient import is_transient
 
@@ -67,6 +81,7 @@ class Aggregator:
             staleness_exponent=settings.staleness_exponent,
             group_threshold_z=settings.group_threshold_z,
         )
+        self.intake = Intake(settings, self.store, self.db_url)
         self.loader = UpdateLoader(settings, self.store, self.db_url)
         self.peers = PeerIndex(settings, self.loader)
         self.screening = Screening(settings, self.loader, self.peers, self.db_url)
@@ -78,21 +93,42 @@ class Aggregator:
         try:
             event = parse_event(data)
         except InvalidMessage as exc:
-            log.error("refused malformed event: %s", exc)
+            said = data if isinstance(data, dict) else {}  # whatever ids it claims, for the log
+            log.error(
+                "refused malformed event client=%s update=%s: %s",
+                said.get("client_id"),
+                said.get("update_uid") or said.get("evaluation_uid"),
+                exc,
+            )
             metrics.EVENTS.labels(outcome="invalid").inc()
             return "invalid"
         t0 = time.perf_counter()
+        uid = getattr(event, "update_uid", None) or getattr(event, "evaluation_uid", None)
         # Regrouping is serialized across aggregator processes, so two events handled at
         # once can never both read the same index and lose one update's effect.
         with exclusive(self.db_url, LOCK):
             with session_scope(self.db_url) as s:
                 if s.get(ProcessedEvent, event.event_id) is not None:
-                    log.info(
-                        "event=%s update=%s duplicate, ignored", event.event_id, event.update_uid
-                    )
+                    log.info("event=%s update=%s duplicate, ignored", event.event_id, uid)
                     metrics.EVENTS.labels(outcome="duplicate").inc()
                     return "duplicate"
-            outcome = self._handle(event)
+            try:
+                outcome = self._handle(event)
+            except Refused as exc:
+                # nothing was written, not even the event's mark: a forged copy must not
+                # shadow the genuine report
+                log.error(
+                    "event=%s %s client=%s update=%s refused (%s): %s",
+                    event.event_id,
+                    event.kind,
+                    event.client_id,
+                    uid,
+                    exc.outcome,
+                    exc,
+                )
+                metrics.REPORTS_REFUSED.labels(reason=exc.outcome).inc()
+                metrics.EVENTS.labels(outcome=exc.outcome).inc()
+                return exc.outcome
             with session_scope(self.db_url) as s:
                 if s.get(ProcessedEvent, event.event_id) is None:
                     s.add(ProcessedEvent(event_id=event.event_id, kind=event.kind, outcome=outcome))
@@ -102,38 +138,49 @@ class Aggregator:
             event.event_id,
             event.kind,
             event.client_id,
-            event.update_uid,
+            uid,
             outcome,
             time.perf_counter() - t0,
         )
         return outcome
 
-    def _handle(self, event: UpdateStored | UpdateFailed) -> str:
+    def _handle(self, event: Event) -> str:
+        if isinstance(event, EvaluationReported):
+            return self.intake.record_evaluation(event)
         with session_scope(self.db_url) as s:
             update = s.scalars(select(Update).where(Update.uid == event.update_uid)).first()
-            if update is None:
-                log.error("update=%s unknown (client=%s)", event.update_uid, event.client_id)
-                return "unknown-update"
-            if update.client_id != event.client_id or update.round_id != event.round_id:
-                log.error("update=%s: event does not match its row", event.update_uid)
-                return "mismatch"
+            if update is None:  # no such request was recorded
+                raise Refused("unknown-update", "no update of this id was requested")
+            if update.client_id != event.client_id:
+                raise Refused("mismatch", f"requested for client {update.client_id}")
+            requested = update.status == UpdateStatus.REQUESTED
+            if requested and isinstance(event, UpdateStored):
+                return "not-reported"  # the worker's report has not come in
+            if requested:
+                update = self.intake.record_update(s, update, event)  # Refused: nothing written
+            elif update.round_id != event.round_id:
+                raise Refused("mismatch", f"requested in round {update.round_id}")
             status = update.status  # before superseding, which may change it
             overtaken = (
-                isinstance(event, UpdateStored)
+                not isinstance(event, UpdateFailed)
                 and status == UpdateStatus.STORED
                 and event.round_id is None
                 and self._overtaken(s, update)
             )
         candidates: list[int] | None = None
-        if isinstance(event, UpdateStored):
+        if isinstance(event, UpdateFailed):
+            if not requested:
+                return f"already-{status}"
+            outcome = "failed"
+        elif requested and status == UpdateStatus.REJECTED:  # intake found its sketch unusable
+            outcome = "rejected"
+        else:
             metrics.UPDATES_RECEIVED.inc()
             if status != UpdateStatus.STORED:
                 return f"already-{status}"
             if overtaken:
                 return "superseded"
             outcome, candidates = self._accept(update)
-        else:
-            outcome = "failed"
         if event.round_id is None:
             if outcome == "accepted":
                 self.aggregate([update.client_id], round_id=None, candidates=candidates)
@@ -282,26 +329,48 @@ class Aggregator:
             query = select(Update).where(
                 Update.status == UpdateStatus.STORED, Update.round_id.is_(None)
             )
+            reported = select(Update).where(Update.status == UpdateStatus.REQUESTED)
             if older_than_s > 0:
                 query = query.where(Update.created_at < cutoff)
+                reported = reported.where(Update.created_at < cutoff)
             pending = list(s.scalars(query.order_by(Update.id)))
+            requested = list(s.scalars(reported.order_by(Update.id)))
         with exclusive(self.db_url, LOCK):
             for round_id in open_rounds:
                 if records.round_complete(self.db_url, round_id):
                     log.info("recovering round=%s", round_id)
                     self.aggregate(records.round_targets(self.db_url, round_id), round_id=round_id)
-        for update in pending:  # handle() takes the lock itself
+        # requests whose worker stored its report but whose event never came
+        events = [(u, self._stored_report(u)) for u in requested]
+        events += [(u, UpdateStored(u.uid, u.client_id, None).to_dict()) for u in pending]
+        for update, event in events:  # handle() takes the lock itself
+            if event is None:
+                continue
             log.info("recovering client=%s update=%s", update.client_id, update.uid)
             try:
-                self.handle(UpdateStored(update.uid, update.client_id, None).to_dict())
+                self.handle(event)
             except Exception as exc:
                 if is_transient(exc):
                     raise  # the database or the store is away: the whole pass waits
                 # one update that cannot be handled must not hold up the ones after it;
-                # it stays `stored` and is tried again at the next pass
+                # it stays as it is and is tried again at the next pass
                 log.exception(
                     "client=%s update=%s could not be recovered: %s",
                     update.client_id,
                     update.uid,
                     exc,
                 )
+
+    def _stored_report(self, update: Update) -> Any | None:
+        """The report a worker stored for a requested update (None: not stored yet)."""
+        try:
+            data = self.store.get_bounded(ads.report_key(update.client_id, update.uid), 1 << 16)
+        except ObjectNotFound:
+            return None
+        except ObjectTooLarge:
+            log.error("client=%s update=%s: its report is oversized", update.client_id, update.uid)
+            return None
+        try:
+            return json.loads(bytes(data))
+        except ValueError:
+            return None  # handle() would refuse it; the worker's redelivery rewrites it

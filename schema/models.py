@@ -27,11 +27,13 @@ def utcnow() -> datetime:
 
 
 class UpdateStatus(StrEnum):
-    """An update's life: STORED -> AGGREGATED | REJECTED | QUARANTINED (a likely poisoned
-    update, kept apart) | SUPERSEDED (a newer update of its client was aggregated first);
-    FAILED: the worker gave up (no objects referenced). A StrEnum: the column holds the
-    plain string, and members compare equal to it."""
+    """An update's life: REQUESTED (the server sent the train request) -> STORED (the
+    aggregator verified the worker's report) -> AGGREGATED | REJECTED | QUARANTINED (a
+    likely poisoned update, kept apart) | SUPERSEDED (a newer update of its client was
+    aggregated first); REQUESTED -> FAILED: the worker gave up (no objects referenced).
+    A StrEnum: the column holds the plain string, and members compare equal to it."""
 
+    REQUESTED = "requested"
     STORED = "stored"
     AGGREGATED = "aggregated"
     SUPERSEDED = "superseded"
@@ -41,7 +43,9 @@ class UpdateStatus(StrEnum):
 
 
 # the statuses an update keeps for good (nothing more happens to it)
-FINAL_STATUSES = tuple(s for s in UpdateStatus if s is not UpdateStatus.STORED)
+FINAL_STATUSES = tuple(
+    s for s in UpdateStatus if s not in (UpdateStatus.REQUESTED, UpdateStatus.STORED)
+)
 
 
 class RoundStatus(StrEnum):
@@ -187,7 +191,9 @@ class Evaluation(Base):
     adapter_version: Mapped[int] = mapped_column(Integer)
     # the score: accuracy for multiple-choice tasks, ROUGE-L F1 for generation tasks
     metric: Mapped[str] = mapped_column(String(16), default="accuracy", server_default="accuracy")
-    accuracy: Mapped[float] = mapped_column(Float)
+    # None when the worker could not score it: then `reason` says why
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     # mean recall over the gold answers (multiple choice; None for generation): a skewed
     # test split cannot flatter a model that always gives its majority answer
     balanced_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -71,6 +71,18 @@ def update_keys(client_id: int, update_uid: str) -> tuple[str, str]:
     return prefix + "adapter.safetensors", prefix + "task_vector.safetensors"
 
 
+def sketch_key(client_id: int, update_uid: str) -> str:
+    """The count sketch of an update's τ (aggregator/sketch.py), when sketches are on."""
+    return update_prefix(client_id, update_uid) + "sketch.bin"
+
+
+def report_key(client_id: int, update_uid: str) -> str:
+    """The worker's signed report of an update (schema/events.UpdateReported), written after
+    every other object of the update: once it exists the update is complete and never
+    rewritten, and a redelivered request sends it again instead of training again."""
+    return update_prefix(client_id, update_uid) + "report.json"
+
+
 def personalized_key(client_id: int, version: int) -> str:
     return f"clients/{client_id}/personalized/{version:06d}.safetensors"
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 Echo = Callable[[str], None]
 
@@ -19,3 +21,41 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+class Progress:
+    """Progress of a long wait: a bar on a terminal; written to a file or a pipe (a log), a
+    line each time the count moves instead, so that a log holds steps, not redrawn bars."""
+
+    def __init__(
+        self, total: int, desc: str, *, show: bool = True, stream: TextIO | None = None
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.total, self.desc, self.show = total, desc, show
+        self.n = 0
+        self.t0 = time.monotonic()
+        self.bar = None
+        if show and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, file=self.stream)
+
+    def update_to(self, n: int) -> None:
+        if n == self.n:
+            return
+        self.n = n
+        if self.bar is not None:
+            self.bar.update(n - self.bar.n)
+        elif self.show:
+            elapsed = time.monotonic() - self.t0
+            print(f"{self.desc}: {n}/{self.total} ({elapsed:.0f}s)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

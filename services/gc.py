@@ -3,7 +3,9 @@
 Workers and the aggregator write objects first and the database row that references them
 after, so a process killed between the two leaves objects no row points to. Nothing reads
 them, but they take space. They are found by listing the per-client objects (`clients/`)
-and subtracting every key a row references, whatever the row's status.
+and subtracting every key a row references: a personalized adapter's key, and everything
+under an update's prefix (adapter, task vector, sketch, report) while its row is not
+`failed` (a `requested` one may be uploading now; a failed worker deletes its objects).
 
 An unreferenced object is not necessarily garbage: it may belong to a task that is
 uploading or about to commit its row right now. Only objects older than a grace period
@@ -20,9 +22,10 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
-from schema.models import PersonalizedAdapter, Update
+from schema.models import PersonalizedAdapter, Update, UpdateStatus
+from services.adapter_store import report_key
 from services.context import object_store
 from services.db import session_scope
 from services.object_store import ObjectInfo, ObjectStore, ObjectStoreError
@@ -132,28 +135,57 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def referenced_keys(db_url: str) -> set[str]:
-    """Every object key a row points to: updates (any status) and personalized adapters."""
-    keys: set[str | None] = set()
-    with session_scope(db_url) as s:
-        for adapter_key, tv_key in s.execute(select(Update.adapter_key, Update.task_vector_key)):
-            keys.add(adapter_key)
-            keys.add(tv_key)
-        keys.update(s.scalars(select(PersonalizedAdapter.key)))
-    keys.discard(None)
-    return {k for k in keys if k is not None}
+_UPDATE_OBJECT = re.compile(r"^clients/\d+/updates/([^/]+)/")
 
 
-def is_referenced(db_url: str, key: str) -> bool:
-    """One key, asked afresh (a new transaction sees rows committed since the scan)."""
-    with session_scope(db_url) as s:
-        hit = s.scalar(
-            select(Update.id)
-            .where(or_(Update.adapter_key == key, Update.task_vector_key == key))
-            .limit(1)
-        )
-        if hit is not None:
+def update_uid_of(key: str) -> str | None:
+    """The update a key belongs to (adapter_store.update_prefix), if any."""
+    m = _UPDATE_OBJECT.match(key)
+    return m.group(1) if m else None
+
+
+class References:
+    """What rows point to: personalized adapters' keys, and updates by uid. Every object of
+    an update is referenced while its row is neither `failed` nor `requested`; a
+    `requested` update's objects only once its report is stored (the update is complete,
+    and the aggregator's recovery pass will take it): before that they are a worker's
+    upload, in flight if young, left by a killed worker if old."""
+
+    def __init__(self, keys: set[str], updates: set[str], requested: dict[str, int]) -> None:
+        self.keys = keys
+        self.updates = updates
+        self.requested = requested  # uid -> client id
+        self.listed: set[str] = set()  # the keys the store listed
+
+    def __contains__(self, key: str) -> bool:
+        uid = update_uid_of(key)
+        if key in self.keys or uid in self.updates:
             return True
+        return uid in self.requested and report_key(self.requested[uid], uid) in self.listed
+
+
+def referenced_keys(db_url: str) -> References:
+    with session_scope(db_url) as s:
+        keys = set(s.scalars(select(PersonalizedAdapter.key)))
+        done = (UpdateStatus.FAILED, UpdateStatus.REQUESTED)
+        live = set(s.scalars(select(Update.uid).where(Update.status.not_in(done))))
+        requested = select(Update.uid, Update.client_id).where(
+            Update.status == UpdateStatus.REQUESTED
+        )
+        return References(keys, live, dict(s.execute(requested).tuples().all()))
+
+
+def is_referenced(db_url: str, key: str, store: ObjectStore) -> bool:
+    """One key, asked afresh (a new transaction sees rows committed since the scan)."""
+    uid = update_uid_of(key)
+    with session_scope(db_url) as s:
+        if uid is not None:
+            row = s.scalars(select(Update).where(Update.uid == uid).limit(1)).first()
+            if row is None or row.status == UpdateStatus.FAILED:
+                return False
+            if row.status != UpdateStatus.REQUESTED:
+                return True
+            return store.exists(report_key(row.client_id, uid))
         hit = s.scalar(
             select(PersonalizedAdapter.id).where(PersonalizedAdapter.key == key).limit(1)
         )
@@ -162,12 +194,13 @@ def is_referenced(db_url: str, key: str) -> bool:
 
 def _scan(
     settings: Settings, older_than_s: float, clock: Clock
-) -> tuple[list[ObjectInfo], set[str], list[Orphan]]:
+) -> tuple[list[ObjectInfo], References, list[Orphan]]:
     store = object_store(settings)
     # List before reading the references: a row committed in between is then seen, and
     # its objects are not taken for orphans (objects are always written before their row).
     infos = store.list_info(GC_PREFIX)
     refs = referenced_keys(settings.resolved_database_url)
+    refs.listed = {i.key for i in infos}
     now = clock()
     orphans = []
     for info in infos:
@@ -222,7 +255,7 @@ def delete_orphans(
             if (clock() - info.last_modified).total_seconds() < older_than_s:
                 result.kept.append((key, "younger than the grace period"))
                 continue
-            if is_referenced(db_url, key):
+            if is_referenced(db_url, key, store):
                 result.kept.append((key, "referenced by a row committed since the scan"))
                 continue
             store.delete(key)

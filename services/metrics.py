@@ -15,7 +15,9 @@ from importlib.metadata import version as package_version
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # --- aggregator -----------------------------------------------------------------------
-UPDATES_RECEIVED = Counter("fedvec_updates_received_total", "update.stored events received")
+UPDATES_RECEIVED = Counter(
+    "fedvec_updates_received_total", "update.reported and update.stored events received"
+)
 UPDATES_AGGREGATED = Counter(
     "fedvec_updates_aggregated_total", "Updates turned into a personalized adapter"
 )
@@ -25,6 +27,11 @@ UPDATES_REJECTED = Counter(
 UPDATES_QUARANTINED = Counter(
     "fedvec_updates_quarantined_total",
     "Updates held out of every aggregate as likely poisoned (aggregator/outliers.py)",
+    ["reason"],
+)
+REPORTS_REFUSED = Counter(
+    "fedvec_reports_refused_total",
+    "Worker reports refused before anything was written (aggregator/intake.py)",
     ["reason"],
 )
 EVENTS = Counter("fedvec_events_total", "Aggregator events by outcome", ["outcome"])
@@ -100,9 +107,9 @@ REJECT_REASONS = (
     "missing_object",
     "non_finite",
     "invalid_tensor",
-    "unsigned",
-    "bad_signature",
 )
+# = aggregator.intake.REFUSED
+REFUSE_REASONS = ("unknown-update", "unknown-client", "mismatch", "unsigned", "bad-signature")
 QUARANTINE_REASONS = ("norm_outlier", "sign_flipped")  # = aggregator.outliers.REASONS
 EVENT_OUTCOMES = (
     "invalid",
@@ -114,10 +121,15 @@ EVENT_OUTCOMES = (
     "quarantined",
     "superseded",
     "failed",
+    "evaluated",
+    "evaluation-failed",
+    *REFUSE_REASONS,
 )
 TASK_NAMES = ("train", "evaluate", "aggregate")
 for _reason in REJECT_REASONS:
     UPDATES_REJECTED.labels(reason=_reason)
+for _reason in REFUSE_REASONS:
+    REPORTS_REFUSED.labels(reason=_reason)
 for _reason in QUARANTINE_REASONS:
     UPDATES_QUARANTINED.labels(reason=_reason)
 for _outcome in EVENT_OUTCOMES:

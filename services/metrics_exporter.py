@@ -69,7 +69,12 @@ def read_state(s: Session) -> dict[str, Any]:
             .group_by(Client.id, Client.name)
         ).all()
     )
-    newest_eval = select(func.max(Evaluation.id)).group_by(Evaluation.client_id)
+    # a failed evaluation (no score, its reason recorded) does not hide the last score
+    newest_eval = (
+        select(func.max(Evaluation.id))
+        .where(Evaluation.accuracy.is_not(None))
+        .group_by(Evaluation.client_id)
+    )
     scores = list(
         s.execute(
             select(Client.name, Evaluation.metric, Evaluation.accuracy)

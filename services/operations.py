@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -216,11 +218,12 @@ def _client(s: Session, client_id: int) -> Client:
 
 
 def train_request(settings: Settings, client_id: int, round_id: int | None = None) -> TrainRequest:
-    """What a worker needs to train the client, as the server has it now."""
+    """What a worker needs to train the client, as the server has it now; recorded as a
+    `requested` update, so that the aggregator takes reports only for updates it asked for."""
     with session_scope(settings.resolved_database_url) as s:
         client = _client(s, client_id)
         base = current_adapter(s, client_id)
-        return TrainRequest(
+        req = TrainRequest(
             client_id=client_id,
             client_name=client.name,
             data_path=client.data_path,
@@ -230,6 +233,16 @@ def train_request(settings: Settings, client_id: int, round_id: int | None = Non
             signed=signing_scheme(client) != "none",
             round_id=round_id,
         )
+        s.add(
+            Update(
+                uid=req.request_id,
+                client_id=client_id,
+                round_id=round_id,
+                base_version=base.version,
+                status=UpdateStatus.REQUESTED,
+            )
+        )
+        return req
 
 
 def evaluate_request(settings: Settings, client_id: int, max_examples: int = 0) -> EvaluateRequest:
@@ -246,6 +259,7 @@ def evaluate_request(settings: Settings, client_id: int, max_examples: int = 0) 
             base_version=base.version,
             base_key=base.key,
             base_sha256=base.sha256,
+            signed=signing_scheme(client) != "none",
             max_examples=max_examples,
         )
 
@@ -256,9 +270,37 @@ def start_round(settings: Settings, clients: list[Client], send: Callable[..., A
         s.add(rnd)
         s.flush()
         round_id = rnd.id
-    for c in clients:
-        send_train(send, train_request(settings, c.id, round_id), site=c.site)
+    for i, c in enumerate(clients):
+        try:
+            send_train(send, train_request(settings, c.id, round_id), site=c.site)
+        except Exception as exc:
+            # the broker (or the database) went away mid-round: the requests not sent are
+            # recorded failed, so the round completes with those that were (or, if none
+            # was, at the aggregator's next recovery pass) instead of waiting for ever
+            _not_sent(settings, round_id, clients[i:], f"not sent: {type(exc).__name__}: {exc}")
+            raise
     return round_id
+
+
+def _not_sent(settings: Settings, round_id: int, clients: list[Client], reason: str) -> None:
+    with session_scope(settings.resolved_database_url) as s:
+        ids = {c.id for c in clients}
+        for row in s.scalars(
+            select(Update).where(Update.round_id == round_id, Update.client_id.in_(ids))
+        ):
+            row.status, row.reason = UpdateStatus.FAILED, reason[:2000]
+            ids.discard(row.client_id)
+        for client_id in sorted(ids):
+            s.add(
+                Update(
+                    uid=str(uuid.uuid4()),
+                    client_id=client_id,
+                    round_id=round_id,
+                    base_version=-1,
+                    status=UpdateStatus.FAILED,
+                    reason=reason[:2000],
+                )
+            )
 
 
 def send_train(send: Callable[..., Any], req: TrainRequest, *, site: str) -> None:
@@ -282,9 +324,43 @@ def round_progress(settings: Settings, round_id: int) -> RoundProgress:
         if rnd is None:
             raise OperationError(f"unknown round {round_id}")
         reported = s.scalar(
-            select(func.count(func.distinct(Update.client_id))).where(Update.round_id == round_id)
+            select(func.count(func.distinct(Update.client_id))).where(
+                Update.round_id == round_id, Update.status != UpdateStatus.REQUESTED
+            )
         )
         return RoundProgress(round_id, len(rnd.participants), int(reported or 0), rnd.status)
+
+
+class QueueWatch:
+    """Says once, within seconds, that no worker takes work off a queue: one that still
+    holds at least the messages sent to it `after_s` seconds later. (Site workers run
+    without Celery's remote control, so they cannot be pinged; the queue shows it.)"""
+
+    def __init__(
+        self, settings: Settings, sent: Counter[str], *, after_s: float = 20.0, show: bool = True
+    ) -> None:
+        self.settings, self.sent, self.after_s, self.show = settings, sent, after_s, show
+        self.t0 = time.monotonic()
+        self.next_look = self.t0 + after_s
+        self.idle: list[str] = []
+
+    def look(self) -> None:
+        if self.idle or not self.sent or time.monotonic() < self.next_look:
+            return
+        from services.celery_app import make_app, queue_depths
+
+        self.next_look = time.monotonic() + 10.0
+        depths = queue_depths(make_app(self.settings), sorted(self.sent))
+        self.idle = [q for q, n in sorted(self.sent.items()) if (depths.get(q) or 0) >= n]
+        if self.idle and self.show:
+            waited = time.monotonic() - self.t0
+            print(
+                f"no worker has taken a task from {', '.join(map(repr, self.idle))} in "
+                f"{waited:.0f}s: is `fedvec worker` (with --site SITE for queue train.SITE) "
+                "running and connected to this broker? Still waiting.",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def wait_for(
@@ -296,14 +372,15 @@ def wait_for(
     show: bool = True,
     poll: float = 0.2,
 ) -> None:
-    """Poll `check` (done, count) with a progress bar until done or timeout."""
-    from tqdm import tqdm
+    """Poll `check` (done, count) with a progress bar (on a terminal; else a line per step)
+    until done or timeout."""
+    from services.console import Progress
 
     deadline = time.monotonic() + timeout
-    with tqdm(total=total, desc=desc, disable=not show, leave=False) as bar:
+    with Progress(total, desc, show=show) as bar:
         while True:
             done, count = check()
-            bar.update(count - bar.n)
+            bar.update_to(count)
             if done:
                 return
             if time.monotonic() > deadline:
@@ -325,9 +402,18 @@ def wait_round(
     """Until the round is aggregated. `alive`: called at each look, it raises when the
     processes doing the work died (the caller started them), instead of the timeout."""
 
+    from services.celery_app import train_queue
+
+    with session_scope(settings.resolved_database_url) as s:
+        rnd = s.get(Round, round_id)
+        participants = rnd.participants if rnd is not None else []
+        sites = s.scalars(select(Client.site).where(Client.id.in_(participants))).all()
+    watch = QueueWatch(settings, Counter(train_queue(site) for site in sites), show=show)
+
     def check() -> tuple[bool, int]:
         if alive is not None:
             alive()
+        watch.look()
         p = round_progress(settings, round_id)
         return p.status == RoundStatus.AGGREGATED, p.reported
 
@@ -383,8 +469,11 @@ def evaluate(
     timeout: float = 600,
     show: bool = True,
     alive: Callable[[], None] | None = None,
+    failures_ok: bool = False,
 ) -> list[dict[str, Any]]:
-    """Score each client's current adapter on the workers; `alive` as for wait_round."""
+    """Score each client's current adapter on the workers; `alive` as for wait_round. An
+    evaluation the worker could not do raises OperationError with its reason, unless
+    failures_ok (then its row has `reason` set and no scores)."""
     from services.celery_app import EVALUATE_TASK, train_queue
 
     missing = [c.name for c in clients if not c.test_path]
@@ -394,10 +483,12 @@ def evaluate(
     for c, r in zip(clients, requests, strict=True):
         send(EVALUATE_TASK, args=[r.to_dict()], queue=train_queue(c.site))
     uids = [r.request_id for r in requests]
+    watch = QueueWatch(settings, Counter(train_queue(c.site) for c in clients), show=show)
 
     def done() -> tuple[bool, int]:
         if alive is not None:
             alive()
+        watch.look()
         with session_scope(settings.resolved_database_url) as s:
             n = s.scalar(
                 select(func.count()).select_from(Evaluation).where(Evaluation.uid.in_(uids))
@@ -407,8 +498,7 @@ def evaluate(
     wait_for(done, total=len(uids), timeout=timeout, desc="evaluating", show=show)
     names = {c.id: c.name for c in clients}
     with session_scope(settings.resolved_database_url) as s:
-        rows = s.scalars(select(Evaluation).where(Evaluation.uid.in_(uids))).all()
-        return sorted(
+        rows = sorted(
             (
                 {
                     "client": names[e.client_id],
@@ -418,11 +508,16 @@ def evaluate(
                     "balanced_accuracy": e.balanced_accuracy,
                     "loss": e.loss,
                     "num_examples": e.num_examples,
+                    "reason": e.reason,  # set when the worker could not score it
                 }
-                for e in rows
+                for e in s.scalars(select(Evaluation).where(Evaluation.uid.in_(uids)))
             ),
             key=lambda d: d["client_id"],
         )
+    failed = [f"{r['client']}: {r['reason']}" for r in rows if r["reason"] is not None]
+    if failed and not failures_ok:
+        raise OperationError("evaluation failed for " + "; ".join(failed))
+    return rows
 
 
 # --- groups and status -----------------------------------------------------------------

@@ -3,10 +3,11 @@ whose private keys its site holds, and the server holds no key that signs.
 
 `fedvec enroll` draws an Ed25519 key pair per client: the private key goes into the site's
 keys file (FEDVEC_CLIENT_SECRETS_FILE, 0600) and is shown once; the database keeps only the
-public key. A worker signs each update over the client id, the update id and the sha256 of
-both stored files; the aggregator verifies with the public key before it uses the update
-(the signature binds the files too, because the aggregator checks their sha256). Reading
-the whole database therefore lets nobody sign. `fedvec rotate-key` issues a new pair.
+public key. A worker signs each report (schema/events.Report: an update's every field,
+the sha256 of its stored files among them; an evaluation's scores) and the aggregator
+verifies it with the public key before it writes anything (the signature binds the files
+too, because the aggregator checks their sha256 when it reads them). Reading the whole
+database therefore lets nobody sign. `fedvec rotate-key` issues a new pair.
 
 Transition from HMAC (clients enrolled before Ed25519): their site file holds a shared
 secret and the database its hash, which is also the HMAC key, so whoever reads the
@@ -43,13 +44,6 @@ class SigningError(Exception):
     """A key is missing or a keys file is unreadable (the message says which)."""
 
 
-def _message(
-    client_id: int, update_uid: str, adapter_sha256: str, task_vector_sha256: str
-) -> bytes:
-    fields = ("fedvec-update-v1", str(client_id), update_uid, adapter_sha256, task_vector_sha256)
-    return "\n".join(fields).encode()
-
-
 # --- Ed25519 ---------------------------------------------------------------------------
 def new_private_key() -> str:
     """A new client private key, as the site file holds it: 'ed25519:' + base64 of 32 bytes."""
@@ -72,30 +66,17 @@ def public_key(private_key: str) -> str:
     return _private(private_key).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
 
-def sign(
-    private_key: str, client_id: int, update_uid: str, adapter_sha256: str, task_vector_sha256: str
-) -> str:
-    """An update's signature (hex of 64 bytes) with the client's private key."""
-    msg = _message(client_id, update_uid, adapter_sha256, task_vector_sha256)
-    return _private(private_key).sign(msg).hex()
+def sign(private_key: str, message: bytes) -> str:
+    """A report's signature (hex of 64 bytes) with the client's private key."""
+    return _private(private_key).sign(message).hex()
 
 
-def verify(
-    public: str,
-    signature: str | None,
-    client_id: int,
-    update_uid: str,
-    adapter_sha256: str,
-    task_vector_sha256: str,
-) -> bool:
+def verify(public: str, signature: str | None, message: bytes) -> bool:
     if not signature:
         return False
     try:
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
-        key.verify(
-            bytes.fromhex(signature),
-            _message(client_id, update_uid, adapter_sha256, task_vector_sha256),
-        )
+        key.verify(bytes.fromhex(signature), message)
     except (ValueError, InvalidSignature):
         return False
     return True
@@ -111,35 +92,22 @@ def hmac_key(secret: str) -> str:
     return hashlib.sha256(_KEY_CONTEXT + secret.encode()).hexdigest()
 
 
-def hmac_sign(
-    key: str, client_id: int, update_uid: str, adapter_sha256: str, task_vector_sha256: str
-) -> str:
-    msg = _message(client_id, update_uid, adapter_sha256, task_vector_sha256)
-    return hmac.new(bytes.fromhex(key), msg, hashlib.sha256).hexdigest()
+def hmac_sign(key: str, message: bytes) -> str:
+    return hmac.new(bytes.fromhex(key), message, hashlib.sha256).hexdigest()
 
 
-def hmac_verify(
-    key: str,
-    signature: str | None,
-    client_id: int,
-    update_uid: str,
-    adapter_sha256: str,
-    task_vector_sha256: str,
-) -> bool:
+def hmac_verify(key: str, signature: str | None, message: bytes) -> bool:
     if not signature:
         return False
-    expected = hmac_sign(key, client_id, update_uid, adapter_sha256, task_vector_sha256)
-    return hmac.compare_digest(expected, signature)
+    return hmac.compare_digest(hmac_sign(key, message), signature)
 
 
-def sign_update(
-    site_key: str, client_id: int, update_uid: str, adapter_sha256: str, task_vector_sha256: str
-) -> str:
+def sign_report(site_key: str, message: bytes) -> str:
     """Sign with what the site file holds for the client: a private key, or (until the client
     is rotated) its HMAC secret."""
     if site_key.startswith(ED25519_PREFIX):
-        return sign(site_key, client_id, update_uid, adapter_sha256, task_vector_sha256)
-    return hmac_sign(hmac_key(site_key), client_id, update_uid, adapter_sha256, task_vector_sha256)
+        return sign(site_key, message)
+    return hmac_sign(hmac_key(site_key), message)
 
 
 # --- the site's keys file: {"<client id>": "<private key or legacy secret>"} -----------

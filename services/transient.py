@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
-
-from sqlalchemy import exc as sa_exc
 
 from services.object_store import TransientStoreError
 
@@ -20,6 +19,10 @@ def is_transient(exc: BaseException) -> bool:
     """True for lost or refused connections, timeouts and busy servers."""
     if isinstance(exc, TransientStoreError | ConnectionError | TimeoutError):
         return True
+    if "sqlalchemy" not in sys.modules:  # a worker: it has no database, nor its errors
+        return False
+    from sqlalchemy import exc as sa_exc
+
     # OperationalError: connection lost or refused, server shutting down, SQLite locked
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError):
         return True

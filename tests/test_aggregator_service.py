@@ -1,9 +1,13 @@
 """The aggregator service against a real database and object store (SQLite + local folder,
-and PostgreSQL + S3 server), fed updates the way a worker writes them: objects, then the
-row, then the event."""
+and PostgreSQL + S3 server). Updates come two ways: `report` as a site sends them (a
+`requested` row, the objects, then the signed `update.reported` event that intake checks
+and records), and `update` as recorded already (objects and a `stored` row, then
+`update.stored`), for the aggregation logic itself."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import uuid
@@ -14,7 +18,7 @@ from sqlalchemy import func, select
 
 from aggregator.service import Aggregator
 from aggregator.sketch import sketch_state_dict, to_bytes
-from schema.events import UpdateFailed, UpdateStored
+from schema.events import UpdateFailed, UpdateReported, UpdateStored
 from schema.models import (
     Client,
     GroupMember,
@@ -27,7 +31,7 @@ from schema.models import (
 from services import adapter_store as ads
 from services.context import object_store
 from services.db import session_scope
-from services.signing import hmac_key, hmac_sign, new_private_key, public_key, sign
+from services.signing import hmac_key, new_private_key, public_key, sign_report
 
 KEYS = {
     "base_model.model.enc.layer.0.query.lora_A.weight": (4, 16),
@@ -89,14 +93,9 @@ class Harness:
         return row.version, ads.get_state(self.store, row.key, max_bytes=2**30)
 
     def update(
-        self,
-        client_id: int,
-        tau: dict,
-        round_id: int | None,
-        sketch: bytes | None = None,
-        key: str | None = None,
-        hmac_secret: str | None = None,
+        self, client_id: int, tau: dict, round_id: int | None, sketch: bytes | None = None
     ) -> UpdateStored:
+        """An update recorded already: objects and a `stored` row."""
         version, base = self.current(client_id)
         uid = str(uuid.uuid4())
         akey, tkey = ads.update_keys(client_id, uid)
@@ -117,16 +116,54 @@ class Harness:
                     task_vector_sha256=t_sha,
                     num_examples=10,
                     sketch=sketch,
-                    signature=(
-                        sign(key, client_id, uid, a_sha, t_sha)
-                        if key
-                        else hmac_sign(hmac_key(hmac_secret), client_id, uid, a_sha, t_sha)
-                        if hmac_secret
-                        else None
-                    ),
                 )
             )
         return UpdateStored(update_uid=uid, client_id=client_id, round_id=round_id)
+
+    def report(
+        self,
+        client_id: int,
+        tau: dict,
+        round_id: int | None,
+        *,
+        key: str | None = None,
+        hmac_secret: str | None = None,
+    ) -> UpdateReported:
+        """An update as a site sends it: the server's `requested` row, the worker's objects
+        and its report, signed with `key` (a private key or a legacy HMAC secret)."""
+        version, base = self.current(client_id)
+        uid = str(uuid.uuid4())
+        with session_scope(self.db) as s:
+            s.add(
+                Update(
+                    uid=uid,
+                    client_id=client_id,
+                    round_id=round_id,
+                    base_version=version,
+                    status="requested",
+                )
+            )
+        akey, tkey = ads.update_keys(client_id, uid)
+        report = UpdateReported(
+            update_uid=uid,
+            client_id=client_id,
+            round_id=round_id,
+            base_version=version,
+            adapter_sha256=ads.put_state(self.store, akey, {k: base[k] + tau[k] for k in base}),
+            task_vector_sha256=ads.put_state(self.store, tkey, tau),
+            sketch_sha256=None,
+            task_vector_norm=1.0,
+            num_examples=10,
+            steps=1,
+            train_loss=0.5,
+            duration_s=0.1,
+            worker="test",
+            signature=None,
+        )
+        signer = key or hmac_secret
+        if signer is None:
+            return report
+        return dataclasses.replace(report, signature=sign_report(signer, report.signed_bytes()))
 
     def status(self, uid: str) -> str:
         with session_scope(self.db) as s:
@@ -253,7 +290,7 @@ def test_duplicate_unknown_and_malformed_events_change_nothing(harness):
     assert harness.agg.handle({"kind": "update.stored", "client_id": "x"}) == "invalid"
     assert harness.agg.handle("garbage") == "invalid"
     assert harness.count(PersonalizedAdapter) == 1
-    assert harness.count(ProcessedEvent) == 3
+    assert harness.count(ProcessedEvent) == 2  # a refused event leaves no mark
 
 
 def test_failed_update_completes_the_round(harness):
@@ -268,13 +305,13 @@ def test_failed_update_completes_the_round(harness):
                 uid=uid,
                 client_id=ids[1],
                 round_id=rid,
-                base_version=-1,
-                status="failed",
-                reason="worker gave up",
+                base_version=0,
+                status="requested",
             )
         )
-    failed = UpdateFailed(update_uid=uid, client_id=ids[1], round_id=rid)
+    failed = UpdateFailed(update_uid=uid, client_id=ids[1], round_id=rid, reason="gave up")
     assert harness.agg.handle(failed.to_dict()) == "round-aggregated"
+    assert harness.status(uid) == "failed"
     assert harness.current(ids[0])[0] == 1
     assert harness.current(ids[1])[0] == 0
 
@@ -584,43 +621,65 @@ def test_update_whose_event_is_still_queued_is_screened_before_it_is_aggregated(
     assert harness.current(ids[5])[0] == 0
 
 
-def test_updates_must_be_signed_with_the_clients_key(harness):
-    """A client enrolled with a key pair: only updates signed with its private key are used.
-    Site A's worker, which holds A's key but not B's, cannot pass an update off as B's."""
+def refused(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("fedvec_reports_refused_total", {"reason": reason})
+
+
+def test_reports_must_be_signed_with_the_clients_key(harness):
+    """A client enrolled with a key pair: only reports signed with its private key are
+    taken. Site A's worker, which holds A's key but not B's, cannot pass an update off as
+    B's; a refused report writes nothing, so B's genuine report is still taken after it."""
     a, b = harness.client("a"), harness.client("b")
     key_a, key_b = new_private_key(), new_private_key()
     with session_scope(harness.db) as s:
         s.get(Client, a).public_key = public_key(key_a)
         s.get(Client, b).public_key = public_key(key_b)
-    from prometheus_client import REGISTRY
-
-    def rejected(reason: str) -> float:
-        return REGISTRY.get_sample_value("fedvec_updates_rejected_total", {"reason": reason})
-
-    before = {r: rejected(r) for r in ("bad_signature", "unsigned")}
-    forged = harness.update(b, direction(1), None, key=key_a)  # signed as A
-    unsigned = harness.update(b, direction(2), None)
-    assert harness.agg.handle(forged.to_dict()) == "rejected"
-    assert harness.agg.handle(unsigned.to_dict()) == "rejected"
-    # each refusal counted, under its reason; the same event again is a duplicate
-    assert rejected("bad_signature") == before["bad_signature"] + 1
-    assert rejected("unsigned") == before["unsigned"] + 1
-    assert harness.agg.handle(forged.to_dict()) == "duplicate"
-    with session_scope(harness.db) as s:
-        reasons = {
-            u.uid: u.reason for u in s.scalars(select(Update).where(Update.status == "rejected"))
-        }
-    assert "not signed with client" in reasons[forged.update_uid]
-    assert "not signed" in reasons[unsigned.update_uid]
+    before = {r: refused(r) for r in ("bad-signature", "unsigned")}
+    genuine = harness.report(b, direction(1), None, key=key_b)
+    forged = dataclasses.replace(genuine, signature=sign_report(key_a, genuine.signed_bytes()))
+    unsigned = dataclasses.replace(genuine, signature=None)
+    events_before = harness.count(ProcessedEvent)
+    assert harness.agg.handle(forged.to_dict()) == "bad-signature"
+    assert harness.agg.handle(unsigned.to_dict()) == "unsigned"
+    # each refusal counted, under its reason; nothing written, not even the event's mark
+    assert refused("bad-signature") == before["bad-signature"] + 1
+    assert refused("unsigned") == before["unsigned"] + 1
+    assert harness.status(genuine.update_uid) == "requested"
+    assert harness.count(ProcessedEvent) == events_before
     assert harness.current(b)[0] == 0  # B's adapter untouched
-    good = harness.update(b, direction(3), None, key=key_b)
-    assert harness.agg.handle(good.to_dict()) == "aggregated"
-    # a row changed after signing (its files swapped for others) no longer verifies
-    tampered = harness.update(a, direction(4), None, key=key_a)
+    # a report changed after signing (its files swapped for others, its weight inflated)
+    for field, value in (("task_vector_sha256", "0" * 64), ("num_examples", 10_000)):
+        tampered = dataclasses.replace(genuine, **{field: value})
+        assert harness.agg.handle(tampered.to_dict()) == "bad-signature"
+    assert harness.agg.handle(genuine.to_dict()) == "aggregated"
+    # replayed: the same report again, under a new event id, changes nothing
+    replayed = dataclasses.replace(genuine, event_id=str(uuid.uuid4()))
+    assert harness.agg.handle(replayed.to_dict()) == "already-aggregated"
+    assert harness.current(b)[0] == 1
+
+
+def test_a_report_for_an_update_never_requested_is_refused(harness):
+    """The server records each train request; a report naming another update id, another
+    client or another round than the request is refused and writes nothing."""
+    a, b = harness.client("a"), harness.client("b")
+    key_a = new_private_key()
     with session_scope(harness.db) as s:
-        row = s.scalars(select(Update).where(Update.uid == tampered.update_uid)).one()
-        row.task_vector_sha256 = "0" * 64
-    assert harness.agg.handle(tampered.to_dict()) == "rejected"
+        s.get(Client, a).public_key = public_key(key_a)
+    genuine = harness.report(a, direction(1), None, key=key_a)
+
+    def signed(**changes):
+        r = dataclasses.replace(genuine, **changes)
+        return dataclasses.replace(r, signature=sign_report(key_a, r.signed_bytes())).to_dict()
+
+    assert harness.agg.handle(signed(update_uid=str(uuid.uuid4()))) == "unknown-update"
+    assert harness.agg.handle(signed(client_id=b)) == "mismatch"
+    assert harness.agg.handle(signed(round_id=424242)) == "mismatch"
+    assert harness.agg.handle(signed(base_version=7)) == "mismatch"
+    assert harness.status(genuine.update_uid) == "requested"
+    assert harness.count(PersonalizedAdapter) == 0
+    assert harness.agg.handle(genuine.to_dict()) == "aggregated"
 
 
 def test_a_rotated_key_takes_effect_at_once_and_the_old_one_is_refused(harness):
@@ -628,17 +687,17 @@ def test_a_rotated_key_takes_effect_at_once_and_the_old_one_is_refused(harness):
     old, new = new_private_key(), new_private_key()
     with session_scope(harness.db) as s:
         s.get(Client, a).public_key = public_key(old)
-    assert harness.agg.handle(harness.update(a, direction(1), None, key=old).to_dict()) == (
+    assert harness.agg.handle(harness.report(a, direction(1), None, key=old).to_dict()) == (
         "aggregated"
     )
     with session_scope(harness.db) as s:  # what `fedvec rotate-key` writes
         s.get(Client, a).public_key = public_key(new)
     # the aggregator cached the old public key: the new one must still be accepted ...
-    fresh = harness.update(a, direction(2), None, key=new)
+    fresh = harness.report(a, direction(2), None, key=new)
     assert harness.agg.handle(fresh.to_dict()) == "aggregated"
     # ... and the old one refused
-    stale = harness.update(a, direction(3), None, key=old)
-    assert harness.agg.handle(stale.to_dict()) == "rejected"
+    stale = harness.report(a, direction(3), None, key=old)
+    assert harness.agg.handle(stale.to_dict()) == "bad-signature"
 
 
 def test_hmac_clients_work_until_the_transition_is_ended(harness):
@@ -647,16 +706,14 @@ def test_hmac_clients_work_until_the_transition_is_ended(harness):
     a = harness.client("a")
     with session_scope(harness.db) as s:
         s.get(Client, a).secret_hash = hmac_key("old-secret")
-    ok = harness.update(a, direction(1), None, hmac_secret="old-secret")
+    ok = harness.report(a, direction(1), None, hmac_secret="old-secret")
     assert harness.agg.handle(ok.to_dict()) == "aggregated"
-    wrong = harness.update(a, direction(2), None, hmac_secret="another-secret")
-    assert harness.agg.handle(wrong.to_dict()) == "rejected"
+    wrong = harness.report(a, direction(2), None, hmac_secret="another-secret")
+    assert harness.agg.handle(wrong.to_dict()) == "bad-signature"
     strict = Aggregator(harness.settings.replace(accept_hmac=False))
-    refused = harness.update(a, direction(3), None, hmac_secret="old-secret")
-    assert strict.handle(refused.to_dict()) == "rejected"
-    with session_scope(harness.db) as s:
-        row = s.scalars(select(Update).where(Update.uid == refused.update_uid)).one()
-    assert "FEDVEC_ACCEPT_HMAC=false" in row.reason and "rotate-key" in row.reason
+    refused_now = harness.report(a, direction(3), None, hmac_secret="old-secret")
+    assert strict.handle(refused_now.to_dict()) == "bad-signature"
+    assert harness.status(refused_now.update_uid) == "requested"
 
 
 def test_periodic_recovery_aggregates_only_updates_whose_event_is_overdue(harness):
@@ -831,3 +888,15 @@ def test_local_gives_a_late_client_only_its_own_update(embedded_settings):
     _, theta = h.current(late)
     for k in theta:
         torch.testing.assert_close(theta[k], initial()[k] + tau[k])
+
+
+def test_recovery_takes_a_stored_report_whose_event_was_lost(harness):
+    """The worker stored its report but its event never came: the recovery pass finds the
+    report beside the requested update and handles it; an update not reported yet waits."""
+    a, b = harness.client("a"), harness.client("b")
+    lost = harness.report(a, direction(1), None)
+    harness.store.put(ads.report_key(a, lost.update_uid), json.dumps(lost.to_dict()).encode())
+    pending = harness.report(b, direction(2), None)  # no report object: still training
+    harness.agg.recover()
+    assert harness.status(lost.update_uid) == "aggregated"
+    assert harness.status(pending.update_uid) == "requested"

@@ -189,6 +189,16 @@ def test_train_lists_what_failed_in_words_and_exits_1(embedded_settings, tmp_pat
     with processes.service(settings, tmp_path / "logs"):
         result = CliRunner().invoke(cli, ["train", "--all", "--timeout", "300"], env=env)
         evaluated = CliRunner().invoke(cli, ["evaluate", "good", "--timeout", "300"], env=env)
+        # an evaluation the worker cannot do comes back as a failure with its reason (the
+        # timeout would say "timed out" instead)
+        data[0].test_path.unlink()
+        broken = CliRunner().invoke(cli, ["evaluate", "good", "--timeout", "300"], env=env)
+    assert broken.exit_code == 1, (broken.output, repr(broken.exception))
+    assert "timed out" not in broken.output
+    lines = re.findall(r"^client good: evaluation failed: .*$", broken.output, re.M)
+    assert len(lines) == 1, (broken.output, repr(broken.exception))
+    (line,) = lines
+    assert "no such file" in line.lower(), line
     # balanced accuracy beside accuracy in every evaluation the CLI shows
     assert evaluated.exit_code == 0, evaluated.output
     (header,) = re.findall(r"^ *client .*$", evaluated.output.replace("\r", "\n"), re.M)
@@ -202,3 +212,72 @@ def test_train_lists_what_failed_in_words_and_exits_1(embedded_settings, tmp_pat
     assert "{" not in out  # no dict reprs
     status = CliRunner().invoke(cli, ["status"], env=env)
     assert "updates: 1 aggregated, 1 failed; last round: 1 (aggregated)" in status.output
+
+
+def test_ctrl_c_on_train_says_what_happens_to_the_round(embedded_settings, tmp_path):
+    """No worker runs, so the round waits: within seconds `train` says that nothing takes
+    its tasks off the queue; Ctrl-C then says the requests stay sent and how to follow
+    them, and exits 130 (no traceback, no bare "Aborted!")."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ops.enroll(embedded_settings, "dora", write(tmp_path / "t.jsonl", GOOD))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "train", "--all"],
+        env=settings_env(embedded_settings, {}),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    deadline = time.monotonic() + 90
+    while "no worker has taken a task" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    assert "no worker has taken a task from 'train' in 2" in seen, seen  # 20 s and more
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert "1 training requests sent" in seen, seen
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: round 1's training requests are sent and not recalled" in err
+    assert "fedvec status --watch" in err and "Traceback" not in err
+
+
+def test_a_round_whose_requests_could_not_be_sent_does_not_wait_for_ever(
+    embedded_settings, tmp_path
+):
+    """The broker goes away while a round's requests are sent: those not sent are
+    recorded failed with the reason (so the round completes with the ones sent); a round
+    none of whose requests went out is finished by the aggregator's recovery pass."""
+    from aggregator.service import Aggregator
+    from schema.models import Round, Update
+
+    s = embedded_settings
+    for name in ("e1", "e2", "e3"):
+        ops.enroll(s, name, write(tmp_path / f"{name}.jsonl", GOOD))
+    chosen = ops.resolve_clients(s, [], all_=True)
+    sent: list[str] = []
+
+    def flaky(task: str, args: list, queue: str) -> None:
+        if sent:
+            raise ConnectionError("broker gone")
+        sent.append(queue)
+
+    with pytest.raises(ConnectionError):
+        ops.start_round(s, chosen, flaky)
+    with session_scope(s.resolved_database_url) as ses:
+        rows = {u.client_id: (u.status, u.reason) for u in ses.scalars(select(Update))}
+    first, *rest = (c.id for c in chosen)
+    assert rows[first] == ("requested", None)
+    assert all(rows[c] == ("failed", "not sent: ConnectionError: broker gone") for c in rest)
+
+    def down(task: str, args: list, queue: str) -> None:
+        raise ConnectionError("broker gone")
+
+    with pytest.raises(ConnectionError):
+        ops.start_round(s, chosen, down)
+    Aggregator(s).recover()
+    with session_scope(s.resolved_database_url) as ses:
+        statuses = [r.status for r in ses.scalars(select(Round).order_by(Round.id))]
+    assert statuses == ["training", "aggregated"]  # the first still waits for e1's update

@@ -336,11 +336,12 @@ def processed(db: str) -> dict[str, str]:
 
 
 def assert_each_update_aggregated_once(dep: Deployment) -> None:
-    """Every update aggregated, each the trigger of exactly one personalized adapter, and
-    no row pointing to a missing object (adapters: with the recorded checksum)."""
+    """Every update reported aggregated (requests never reported, whose message was lost,
+    aside), each the trigger of exactly one personalized adapter, and no row pointing to a
+    missing object (adapters: with the recorded checksum)."""
     store = object_store(dep.settings)
     with session_scope(dep.db) as s:
-        updates = list(s.scalars(select(Update)))
+        updates = list(s.scalars(select(Update).where(Update.status != "requested")))
         adapters = list(s.scalars(select(PersonalizedAdapter)))
     assert {u.status for u in updates} == {"aggregated"}
     assert sorted(a.trigger_update_id for a in adapters) == sorted(u.id for u in updates)
@@ -578,9 +579,10 @@ def test_redis_restart_work_resumes_and_recovery_aggregates_the_lost_event(redis
     """Worker and aggregator reconnect by themselves: work sent after Redis is back is
     trained and aggregated without restarting anything. What Redis held when it stopped is
     gone, as it keeps nothing on disk (deployments run it with --appendonly yes): C's
-    queued train request vanished (C has no update, `fedvec status` shows none), and A's
-    event was never delivered; A's update, committed before its event, stays `stored` and
-    the aggregator's start-up recovery aggregates it. Each update is aggregated once."""
+    queued train request vanished (its update stays `requested`, as the server recorded
+    it, and `fedvec status` shows it so), and A's event was never delivered; A's report,
+    stored before its event, is found by the aggregator's start-up recovery, which
+    aggregates it. Each update is aggregated once."""
     o = redis_outage
     dep = o.dep
     for name in ("worker", "aggregator"):
@@ -588,18 +590,19 @@ def test_redis_restart_work_resumes_and_recovery_aggregates_the_lost_event(redis
         assert "Connection to broker lost" in log, name
         assert log.count("Connected to redis://") >= 2, name  # and connected again
     assert _last_update(o.status_before_restart, "B")["status"] == "aggregated"
-    # A is never lost nor failed: stored (its event lost) until recovery, then aggregated
-    assert o.a_before_restart in ("stored", "aggregated")
+    # A is never lost nor failed: requested (its report stored, its event lost) until
+    # recovery, then aggregated
+    assert o.a_before_restart in ("requested", "aggregated")
     assert _last_update(o.status_before_restart, "A")["status"] == o.a_before_restart
-    if o.a_before_restart == "stored":
+    if o.a_before_restart == "requested":
         recovered = f"recovering client={o.ids['A']} update={o.a_uid}"
         assert recovered in dep.log("aggregator-2")
     after = o.status_after_restart
     assert _last_update(after, "A")["status"] == "aggregated"
     assert _last_update(after, "B")["status"] == "aggregated"
-    # C's request was in Redis only: lost with it; nothing in the database shows it
-    assert _last_update(after, "C") is None
-    assert after["updates"] == {"aggregated": 2}
+    # C's request was lost with Redis: the server's record of it shows it never reported
+    assert _last_update(after, "C")["status"] == "requested"
+    assert after["updates"] == {"aggregated": 2, "requested": 1}
     assert versions(dep.db) == {o.ids["A"]: [1], o.ids["B"]: [1]}
     assert_each_update_aggregated_once(dep)
 
@@ -735,8 +738,8 @@ def gc_json(settings: Settings, *args: str) -> dict[str, Any]:
 
 def test_worker_killed_mid_upload_leaves_an_orphan_gc_collects(deployment):
     """The worker is SIGKILLed (its whole process group, so nothing acknowledges the task)
-    after writing an update's adapter object and before writing its task vector. No row
-    references the half-written update; the adapter object is its only leftover. `fedvec
+    after writing an update's adapter object and before writing its task vector. The
+    update stays `requested`, with no report; the adapter object is its only leftover. `fedvec
     gc` keeps it while it is younger than the grace period (it may be an upload in flight),
     lists it with `--older-than 0` without deleting it (a dry run), and deletes it with
     `--delete`. A normal worker then gets the task redelivered and completes it once: one
@@ -759,8 +762,8 @@ def test_worker_killed_mid_upload_leaves_an_orphan_gc_collects(deployment):
     adapter_key, tv_key = ads.update_keys(client.id, req.request_id)
     assert f"FAULT: SIGKILL after writing {adapter_key}" in dep.log("worker-victim")
 
-    # what the crash left: no row, the adapter object alone
-    assert statuses(dep.db) == {}
+    # what the crash left: the server's request, the adapter object alone
+    assert statuses(dep.db) == {"requested": 1}
     store = object_store(s)
     assert store.list(f"clients/{client.id}/") == [adapter_key]
     assert not store.exists(tv_key)
@@ -789,6 +792,8 @@ def test_worker_killed_mid_upload_leaves_an_orphan_gc_collects(deployment):
     assert ads.sha256(store.get(tv_key)) == update.task_vector_sha256
     assert versions(dep.db) == {client.id: [1]}
     assert_each_update_aggregated_once(dep)
-    assert sorted(store.list(f"clients/{client.id}/updates/")) == sorted([adapter_key, tv_key])
+    completed = [adapter_key, tv_key]
+    completed += [ads.sketch_key(client.id, update.uid), ads.report_key(client.id, update.uid)]
+    assert sorted(store.list(f"clients/{client.id}/updates/")) == sorted(completed)
     assert gc_orphans(s) == []
     assert "Traceback" not in dep.log("worker-rescuer")

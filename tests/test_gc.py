@@ -117,22 +117,33 @@ def test_orphans_listed_by_dry_run_then_deleted(world: World) -> None:
     kept_personal = world.personalized(1, stored_id)
     _, killed_keys = world.upload()  # the worker was killed before its row: orphans
     lost_personal = world.personalized(2, stored_id, commit=False)  # aggregator killed
-    orphan_keys = sorted([*killed_keys, lost_personal])
-    referenced = [*stored_keys, *rejected_keys, kept_personal]
+    # requested by the server: complete (its report stored, its event on its way) ...
+    reported_uid, reported_keys = world.upload()
+    reported_keys.append(ads.report_key(world.client_id, reported_uid))
+    world.store.put(reported_keys[-1], b"{}")
+    world.commit(reported_uid, status="requested")
+    # ... or a killed worker's upload, no report; and a failed update's leftovers
+    pending_uid, pending_keys = world.upload()
+    world.commit(pending_uid, status="requested")
+    failed_uid, failed_keys = world.upload()
+    world.commit(failed_uid, status="failed")
+    orphan_keys = sorted([*killed_keys, lost_personal, *pending_keys, *failed_keys])
+    referenced = [*stored_keys, *rejected_keys, kept_personal, *reported_keys]
 
     dry = collect(world.settings, HOUR, delete=False, clock=later())
     assert dry.dry_run
     assert [o.key for o in dry.orphans] == orphan_keys
-    assert dry.orphan_bytes == 100 + 100 + 50
+    assert dry.orphan_bytes == 6 * 100 + 50
     assert all(o.age_s >= 2 * HOUR - 60 for o in dry.orphans)
-    assert (dry.scanned, dry.referenced, dry.fresh) == (len(referenced) + 3, len(referenced), 0)
+    scanned = len(referenced) + len(orphan_keys)
+    assert (dry.scanned, dry.referenced, dry.fresh) == (scanned, len(referenced), 0)
     assert dry.result.deleted == []
     for key in [*orphan_keys, *referenced, *GLOBAL_KEYS]:
         assert world.store.exists(key), key
 
     done = collect(world.settings, HOUR, delete=True, clock=later())
     assert sorted(o.key for o in done.result.deleted) == orphan_keys
-    assert done.deleted_bytes == 250
+    assert done.deleted_bytes == 650
     assert done.result.kept == [] and done.result.failed == []
     for key in orphan_keys:
         assert not world.store.exists(key), key

@@ -3,18 +3,20 @@ each refused with a clear error; state unchanged").
 
 A small federation (3 clients enrolled with key pairs, each with a personalized adapter
 already) on the embedded backend (SQLite + local folder store). Hypothesis draws one update
-for one client, written as a worker writes it (objects, then the signed row, then the
-event), with zero or more mutations: extra / missing keys, wrong shapes, integer or bool
-dtypes, NaN / Inf values, random bytes, a truncated file, a file over
-FEDVEC_MAX_ADAPTER_BYTES, a row sha256 that is not the file's, a file corrupted after its
-sha256 was recorded, a missing object, an unsigned / forged / replayed signature; and
+for one client, sent as a site sends it (the server's `requested` row; the worker's objects,
+then its signed `update.reported` event), with zero or more mutations: extra / missing
+keys, wrong shapes, integer or bool dtypes, NaN / Inf values, random bytes, a truncated
+file, a file over FEDVEC_MAX_ADAPTER_BYTES, a reported sha256 that is not the file's, a
+file corrupted after its sha256 was reported, a missing object, an unsigned / forged /
+replayed signature; and
 zero or one event fault: the event naming another or an unknown client, an unknown update
 id, another round, or sent twice. Properties:
 
 - `Aggregator.handle` never raises; it answers an outcome string;
-- a mutated update ends `rejected`, its row's reason naming one of its problems (or its
-  event is refused as `mismatch` / `unknown-update` / `duplicate`): never `aggregated`;
-  an update without mutations ends `aggregated`;
+- a badly signed report is refused (`unsigned` / `bad-signature`) and its update stays
+  `requested`; any other mutated update ends `rejected`, its row's reason naming one of its
+  problems (or its event is refused as `mismatch` / `unknown-update`, or is a
+  `duplicate`): never `aggregated`; an update without mutations ends `aggregated`;
 - a refused update changes nothing else: every personalized adapter (rows and bytes), the
   similarity edges, the groupings, the other update rows, the objects in the store;
 - the next honest update, of any client, is aggregated as usual.
@@ -25,6 +27,7 @@ Each example runs on a fresh copy of the same federation, so failures replay exa
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,7 +47,7 @@ from safetensors.torch import save as st_save
 from sqlalchemy import select
 
 from aggregator.service import Aggregator
-from schema.events import UpdateStored
+from schema.events import UpdateReported
 from schema.models import (
     Client,
     Grouping,
@@ -57,7 +60,7 @@ from services import adapter_store as ads
 from services.context import object_store
 from services.db import get_engine, session_scope, upgrade
 from services.settings import Settings, load_settings
-from services.signing import ED25519_PREFIX, public_key, sign
+from services.signing import ED25519_PREFIX, public_key, sign_report
 from tests.test_aggregator_service import KEYS, Harness, direction
 
 # FEDVEC_HOSTILE_EXAMPLES=1000 to hunt for more; no example database (nothing written into
@@ -111,8 +114,8 @@ def template(tmp_path_factory) -> World:
         for i, c in enumerate(ids):
             s.get(Client, c).public_key = public_key(KEYS_OF[i])
     for i, c in enumerate(ids):
-        stored = h.update(c, direction(500 + i), None, key=KEYS_OF[i])
-        assert h.agg.handle(stored.to_dict()) == "aggregated"
+        reported = h.report(c, direction(500 + i), None, key=KEYS_OF[i])
+        assert h.agg.handle(reported.to_dict()) == "aggregated"
     get_engine(h.db).dispose()  # checkpoints the WAL: the folder can be copied
     return World(settings, ids)
 
@@ -221,9 +224,10 @@ REASONS = {
     "sha_mismatch": r"sha256 does not match",
     "corrupted_after": r"sha256 does not match",
     "missing_object": r"object missing",
-    "unsigned": r"not signed",
-    "forged": r"signature does not match",
-    "replayed": r"signature does not match",
+    # refused before anything is written: no row reason, an event outcome
+    "unsigned": r"^unsigned$",
+    "forged": r"^bad-signature$",
+    "replayed": r"^bad-signature$",
     # dtypes that are floating but not the initial adapter's float32
     "float_dtype": r"dtype",
     "float64_overflow": r"dtype|Inf|float32",
@@ -355,14 +359,16 @@ STATE_KINDS = {
 }
 
 
-def write_update(w: World, store, case: Case) -> UpdateStored:
-    """The update as a (possibly hostile) worker writes it: objects, then the signed row.
-    Returns the event a worker would send."""
+def write_update(w: World, store, case: Case) -> UpdateReported:
+    """The update as the server requests it (a `requested` row) and a (possibly hostile)
+    worker stores it: objects, then its signed report, the event returned."""
     client = w.ids[case.target]
     version, base = current(w, store, client)
     tau = direction(case.seed)
     states = {"task_vector": tau, "adapter": {k: base[k] + tau[k] for k in base}}
     uid = str(uuid.uuid4())
+    with session_scope(w.db) as s:
+        s.add(Update(uid=uid, client_id=client, base_version=version, status="requested"))
     akey, tkey = ads.update_keys(client, uid)
     keys_of = {"adapter": akey, "task_vector": tkey}
     ms = sorted(case.mutations, key=lambda m: ORDER.index(m.kind))
@@ -395,39 +401,40 @@ def write_update(w: World, store, case: Case) -> UpdateStored:
         if not any(m.kind == "missing_object" for m in mine):
             store.put(keys_of[name], data)
     kinds = {m.kind for m in ms}
+    report = UpdateReported(
+        update_uid=uid,
+        client_id=client,
+        round_id=None,
+        base_version=version,
+        adapter_sha256=shas["adapter"],
+        task_vector_sha256=shas["task_vector"],
+        sketch_sha256=None,
+        task_vector_norm=1.0,
+        num_examples=10,
+        steps=1,
+        train_loss=0.5,
+        duration_s=0.1,
+        worker="hostile",
+        signature=None,
+    )
     key = KEYS_OF[case.target]
-    signature: str | None = sign(key, client, uid, shas["adapter"], shas["task_vector"])
+    signature: str | None = sign_report(key, report.signed_bytes())
     if "unsigned" in kinds:
         signature = None
     elif "forged" in kinds:
         forged = next(m for m in ms if m.kind == "forged").arg
         if isinstance(forged, int):  # another client's key
             other = KEYS_OF[(case.target + forged) % N_CLIENTS]
-            signature = sign(other, client, uid, shas["adapter"], shas["task_vector"])
+            signature = sign_report(other, report.signed_bytes())
         else:
             signature = forged if forged != signature else "0" * 64
-    elif "replayed" in kinds:
-        signature = sign(key, client, str(uuid.uuid4()), shas["adapter"], shas["task_vector"])
-    with session_scope(w.db) as s:
-        s.add(
-            Update(
-                uid=uid,
-                client_id=client,
-                round_id=None,
-                base_version=version,
-                status="stored",
-                adapter_key=akey,
-                adapter_sha256=shas["adapter"],
-                task_vector_key=tkey,
-                task_vector_sha256=shas["task_vector"],
-                num_examples=10,
-                signature=signature,
-            )
-        )
-    return UpdateStored(update_uid=uid, client_id=client, round_id=None)
+    elif "replayed" in kinds:  # the client's genuine signature of another update
+        other = dataclasses.replace(report, update_uid=str(uuid.uuid4()))
+        signature = sign_report(key, other.signed_bytes())
+    return dataclasses.replace(report, signature=signature)
 
 
-def faulty_event(w: World, case: Case, stored: UpdateStored) -> tuple[dict, str]:
+def faulty_event(w: World, case: Case, stored: UpdateReported) -> tuple[dict, str]:
     """The event with its fault, and the outcome it must get."""
     data = stored.to_dict()
     data["event_id"] = str(uuid.uuid4())  # another message, not a redelivery
@@ -474,19 +481,27 @@ def run_case(w: World, case: Case) -> None:
     before = snapshot(w, store)
     version_before = current(w, store, client)[0]
 
-    # an event that does not match the row: refused, nothing changes, the row stays stored
+    # an event that does not match the request: refused, nothing changes, the row stays
+    # requested
     if case.event_fault not in ("none", "duplicate"):
         data, expected = faulty_event(w, case, stored)
         outcome = agg.handle(data)
         note(f"faulty event -> {outcome!r}")
         assert outcome == expected
-        assert_unchanged(before, snapshot(w, store), uid, status="stored")
+        assert_unchanged(before, snapshot(w, store), uid, status="requested")
 
     outcome = agg.handle(stored.to_dict())
     row = row_of(w, uid)
     note(f"event -> {outcome!r}; row {row.status!r}, reason {row.reason!r}")
     after = snapshot(w, store)
-    if hostile:
+    kinds = {m.kind for m in case.mutations}
+    refusal = "unsigned" if "unsigned" in kinds else "bad-signature"
+    badly_signed = bool(kinds & {"unsigned", "forged", "replayed"})
+    if badly_signed:  # refused at intake: nothing written at all
+        assert outcome == refusal, f"a badly signed report got {outcome!r}"
+        assert row.status == "requested" and row.reason is None
+        assert after == before
+    elif hostile:
         assert outcome == "rejected", f"a hostile update got {outcome!r}"
         assert row.status == "rejected" and row.reason
         wanted = "|".join(f"(?:{REASONS[m.kind]})" for m in case.mutations)
@@ -503,12 +518,15 @@ def run_case(w: World, case: Case) -> None:
         others = [a for a in after["adapters"] if a[0] != client]
         assert others == [a for a in before["adapters"] if a[0] != client]
 
-    # the same event again, then the same update under a new event id: nothing changes
+    # the same event again, then the same report under a new event id (a replay): nothing
+    # changes
     if case.event_fault == "duplicate":
         settled = snapshot(w, store)
-        assert agg.handle(stored.to_dict()) == "duplicate"
-        again = UpdateStored(update_uid=uid, client_id=client, round_id=None)
-        assert agg.handle(again.to_dict()) == f"already-{row.status}"
+        again = agg.handle(stored.to_dict())
+        assert again == (refusal if badly_signed else "duplicate")
+        replay = dataclasses.replace(stored, event_id=str(uuid.uuid4()))
+        expected = refusal if badly_signed else f"already-{row.status}"
+        assert agg.handle(replay.to_dict()) == expected
         assert snapshot(w, store) == settled
 
     # the federation goes on: the next honest update, of any client, is aggregated

@@ -220,13 +220,14 @@ def reject_one_update(settings: Settings, logs: Path) -> None:
     wait_until("the NaN update rejected", rejected, 60, logs)
 
 
-WORKER_APP_NAME = "fedvec-test-worker"  # the worker's PostgreSQL application_name
+AGGREGATOR_APP_NAME = "fedvec-test-aggregator"  # its PostgreSQL application_name
 
 
 def evaluate_with_a_retry(run: Run) -> None:
-    """`fedvec evaluate --all` while the evaluations table is locked; the worker's
-    connection, blocked on that table, is then terminated: a transient database error, so
-    the task is retried (fedvec_task_retries_total) and the evaluation still completes."""
+    """`fedvec evaluate --all` while the evaluations table is locked; the aggregator's
+    connection (it records the workers' evaluation reports), blocked on that table, is then
+    terminated: a transient database error, so the task is retried
+    (fedvec_task_retries_total) and the evaluation still completes."""
     engine = create_engine(run.settings.resolved_database_url)
     blocked = text(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
@@ -243,8 +244,8 @@ def evaluate_with_a_retry(run: Run) -> None:
             # autocommit: pg_stat_activity is a snapshot per transaction
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as probe:
                 pid = wait_until(
-                    "the worker waiting on the lock",
-                    lambda: probe.execute(blocked, {"app": WORKER_APP_NAME}).scalar(),
+                    "the aggregator waiting on the lock",
+                    lambda: probe.execute(blocked, {"app": AGGREGATOR_APP_NAME}).scalar(),
                     60,
                     run.home / "logs",
                 )
@@ -287,12 +288,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             prometheus_proc, run.prometheus = start_prometheus(home, ports)
             run.prometheus_started = time.time()
         logs = home / "logs"
+        worker = settings.replace(metrics_port=ports["worker"])
+        run.procs.append(processes.start("worker", worker, logs / "worker.log"))
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("PGAPPNAME", WORKER_APP_NAME)  # libpq names the worker's connections
-            worker = settings.replace(metrics_port=ports["worker"])
-            run.procs.append(processes.start("worker", worker, logs / "worker.log"))
-        aggregator = settings.replace(metrics_port=ports["aggregator"])
-        run.procs.append(processes.start("aggregator", aggregator, logs / "aggregator.log"))
+            env.setenv("PGAPPNAME", AGGREGATOR_APP_NAME)  # libpq names its connections
+            aggregator = settings.replace(metrics_port=ports["aggregator"])
+            run.procs.append(processes.start("aggregator", aggregator, logs / "aggregator.log"))
         run.procs.append(
             processes.start(
                 "metrics", settings, logs / "metrics.log", "--port", str(ports["metrics"])
@@ -344,8 +345,6 @@ def test_each_process_serves_its_key_series(run: Run) -> None:
             (worker, "fedvec_finetune_tokens_per_second", {}),
             (worker, "fedvec_tasks_total", {"task": "train", "outcome": "succeeded"}),
             (worker, "fedvec_tasks_total", {"task": "evaluate", "outcome": "succeeded"}),
-            (worker, "fedvec_tasks_total", {"task": "evaluate", "outcome": "retried"}),
-            (worker, "fedvec_task_retries_total", {"task": "evaluate"}),
             (worker, "fedvec_object_store_bytes_total", {"operation": "put"}),
             (worker, "fedvec_object_store_bytes_total", {"operation": "get"}),
             (worker, "fedvec_object_store_seconds_count", {"operation": "put"}),
@@ -365,6 +364,9 @@ def test_each_process_serves_its_key_series(run: Run) -> None:
             (aggregator, "fedvec_groups_current", {}),
             (aggregator, "fedvec_group_size_count", {}),
             (aggregator, "fedvec_tasks_total", {"task": "aggregate", "outcome": "succeeded"}),
+            (aggregator, "fedvec_tasks_total", {"task": "aggregate", "outcome": "retried"}),
+            (aggregator, "fedvec_task_retries_total", {"task": "aggregate"}),
+            (aggregator, "fedvec_events_total", {"outcome": "evaluated"}),
             (aggregator, "fedvec_object_store_bytes_total", {"operation": "get"}),
             (aggregator, "fedvec_object_store_bytes_total", {"operation": "put"}),
         ],

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from schema.events import (
+    EvaluationReported,
     InvalidMessage,
     TrainRequest,
     UpdateFailed,
+    UpdateReported,
     UpdateStored,
     parse_event,
 )
@@ -48,8 +52,44 @@ def test_secrets_are_masked():
 def test_events_round_trip():
     e = UpdateStored(update_uid="u1", client_id=3, round_id=None)
     assert parse_event(e.to_dict()) == e
-    f = UpdateFailed(update_uid="u2", client_id=4, round_id=7)
+    f = UpdateFailed(update_uid="u2", client_id=4, round_id=7, reason="no data")
     assert parse_event(f.to_dict()) == f
+    r = UpdateReported(
+        update_uid="u3",
+        client_id=5,
+        round_id=None,
+        base_version=2,
+        adapter_sha256="a" * 64,
+        task_vector_sha256="b" * 64,
+        sketch_sha256=None,
+        task_vector_norm=0.25,
+        num_examples=12,
+        steps=3,
+        train_loss=None,
+        duration_s=1,
+        worker="w@host",
+        signature="s" * 128,
+    )
+    assert parse_event(r.to_dict()) == r
+    # what is signed: every field but the signature and the event id (a redelivery may
+    # carry a new one), in one canonical form
+    signed = r.signed_bytes()
+    assert dataclasses.replace(r, signature=None, event_id="x").signed_bytes() == signed
+    assert dataclasses.replace(r, num_examples=13).signed_bytes() != signed
+    assert b'"kind":"update.reported"' in signed
+    ev = EvaluationReported(
+        evaluation_uid="e1",
+        client_id=5,
+        adapter_version=3,
+        metric="accuracy",
+        accuracy=None,
+        balanced_accuracy=None,
+        loss=None,
+        num_examples=0,
+        reason="test file missing",
+        signature=None,
+    )
+    assert parse_event(ev.to_dict()) == ev
     t = TrainRequest(
         client_id=1,
         client_name="a",

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import select, text
 
+from aggregator.service import Aggregator
 from schema.models import Client, Update
 from services import operations as ops
 from services.cli import cli
@@ -32,29 +33,28 @@ from services.signing import (
     read_secrets,
     secret_for,
     sign,
-    sign_update,
+    sign_report,
     verify,
 )
 from workers.tasks import run_training
 
-SHA_A, SHA_T = "a" * 64, "b" * 64
+MSG = b'{"client_id":3,"kind":"update.reported","update_uid":"u-1"}'
 
 
-def test_a_signature_binds_client_update_and_both_files():
+def test_a_signature_binds_the_whole_message():
     key = new_private_key()
     pub = public_key(key)
-    sig = sign(key, 3, "u-1", SHA_A, SHA_T)
-    assert verify(pub, sig, 3, "u-1", SHA_A, SHA_T)
-    assert not verify(pub, sig, 4, "u-1", SHA_A, SHA_T)  # another client
-    assert not verify(pub, sig, 3, "u-2", SHA_A, SHA_T)  # another update
-    assert not verify(pub, sig, 3, "u-1", SHA_T, SHA_A)  # other files
-    assert not verify(public_key(new_private_key()), sig, 3, "u-1", SHA_A, SHA_T)
+    sig = sign(key, MSG)
+    assert verify(pub, sig, MSG)
+    assert not verify(pub, sig, MSG.replace(b"3", b"4"))  # another client
+    assert not verify(pub, sig, MSG + b" ")
+    assert not verify(public_key(new_private_key()), sig, MSG)
     for bad in (None, "", "zz", "00" * 64, sig[:-2]):
-        assert not verify(pub, bad, 3, "u-1", SHA_A, SHA_T)
+        assert not verify(pub, bad, MSG)
     assert key.startswith(ED25519_PREFIX) and len(pub) == 64 and len(sig) == 128
-    assert sign_update(key, 3, "u-1", SHA_A, SHA_T) == sig
+    assert sign_report(key, MSG) == sig
     with pytest.raises(SigningError, match="not an Ed25519 private key"):
-        sign(ED25519_PREFIX + "not base64!", 3, "u-1", SHA_A, SHA_T)
+        sign(ED25519_PREFIX + "not base64!", MSG)
 
 
 def test_the_public_key_does_not_sign():
@@ -64,14 +64,12 @@ def test_the_public_key_does_not_sign():
     pub = public_key(key)
     raw = bytes.fromhex(pub)
     for attempt in (ED25519_PREFIX + base64.b64encode(raw).decode(),):  # as if it were private
-        assert not verify(pub, sign(attempt, 3, "u-1", SHA_A, SHA_T), 3, "u-1", SHA_A, SHA_T)
-    assert not verify(pub, hmac_sign(pub, 3, "u-1", SHA_A, SHA_T), 3, "u-1", SHA_A, SHA_T)
+        assert not verify(pub, sign(attempt, MSG), MSG)
+    assert not verify(pub, hmac_sign(pub, MSG), MSG)
     # HMAC, for contrast: its database value signs
     stored = hmac_key("s3cret")
-    assert hmac_verify(stored, hmac_sign(stored, 3, "u-1", SHA_A, SHA_T), 3, "u-1", SHA_A, SHA_T)
-    assert sign_update("s3cret", 3, "u-1", SHA_A, SHA_T) == hmac_sign(
-        stored, 3, "u-1", SHA_A, SHA_T
-    )
+    assert hmac_verify(stored, hmac_sign(stored, MSG), MSG)
+    assert sign_report("s3cret", MSG) == hmac_sign(stored, MSG)
 
 
 def test_secrets_file_is_private_and_errors_are_readable(tmp_path):
@@ -151,7 +149,7 @@ def test_rotate_key_replaces_the_pair_and_moves_an_hmac_client(enrolled):
 
 def test_a_worker_without_the_clients_key_writes_nothing(enrolled, tmp_path):
     """Site A's worker given client B's request (misrouted or hostile): refused before
-    training, no object and no row (the task then records a failed update)."""
+    training, no object and no report (the task then reports the update failed)."""
     settings, clients = enrolled
     a = ops.enroll(settings, "a", clients[0].train_path, site="site-a")
     b = ops.enroll(settings, "b", clients[1].train_path, site="site-b")
@@ -161,8 +159,8 @@ def test_a_worker_without_the_clients_key_writes_nothing(enrolled, tmp_path):
     req = ops.train_request(settings, b["id"])
     with pytest.raises(SigningError, match=f"holds no key for client {b['id']}"):
         run_training(worker_a, req, lambda _m: None)
-    with session_scope(settings.resolved_database_url) as s:
-        assert s.scalars(select(Update)).first() is None
+    with session_scope(settings.resolved_database_url) as s:  # only the server's request
+        assert [u.status for u in s.scalars(select(Update))] == ["requested"]
     objects = settings.home_path / "objects" / "clients" / str(b["id"])
     assert not objects.exists()
 
@@ -173,18 +171,16 @@ def test_a_worker_signs_with_the_key_the_aggregator_verifies(enrolled, caplog):
     a = ops.enroll(settings, "a", clients[0].train_path)
     events = []
     settings = settings.replace(max_steps=1, batch_size=2, max_length=32, torch_threads=1)
-    run_training(settings, ops.train_request(settings, a["id"]), events.append)
-    with session_scope(settings.resolved_database_url) as s:
-        u = s.scalars(select(Update)).one()
-        assert verify(
-            public_key(a["private_key"]),
-            u.signature,
-            a["id"],
-            u.uid,
-            u.adapter_sha256,
-            u.task_vector_sha256,
-        )
-    assert len(events) == 1
+    req = ops.train_request(settings, a["id"])
+    run_training(settings, req, events.append)
+    (report,) = events
+    assert verify(public_key(a["private_key"]), report.signature, report.signed_bytes())
+    # the report is stored beside the update: a redelivered request sends it again
+    # instead of training again
+    again = []
+    assert run_training(settings, req, again.append)["duplicate"] is True
+    assert again == [report]
+    assert Aggregator(settings).handle(report.to_dict()) == "aggregated"
     # the private key appears in no log line of enrollment and training, nor in any
     # metric (names, labels, values) this process exposes
     secret = a["private_key"].removeprefix(ED25519_PREFIX)

@@ -50,7 +50,8 @@ def test_watch_prints_count_frames_with_header_and_summary(enrolled):
         lines = frame.splitlines()
         assert lines[0].startswith("fedvec status  ") and f"frame {n}/2" in lines[0]
         assert lines[1].startswith(
-            "updates: stored 0, aggregated 0, superseded 0, rejected 0, quarantined 0, failed 0"
+            "updates: requested 0, stored 0, aggregated 0, superseded 0, rejected 0, "
+            "quarantined 0, failed 0"
         )
         assert "grouping version -" in lines[1]
         assert "alice" in frame and "bob" in frame
@@ -85,6 +86,7 @@ def test_json_watch_prints_one_object_per_line(enrolled):
         assert o["error"] is None and o["broker_error"] is None and o["time"]
         assert o["status"]["clients"] == one_shot["clients"]
         assert o["summary"]["updates"] == {
+            "requested": 0,
             "stored": 0,
             "aggregated": 0,
             "superseded": 0,
@@ -110,6 +112,7 @@ def test_summary_counts_updates_and_their_rate(enrolled, monkeypatch):
     result = run(enrolled, "status", "--json", "--watch", "--count", "2", "--interval", "0.1")
     summary = json.loads(result.output.splitlines()[1])["summary"]
     assert summary["updates"] == {
+        "requested": 0,
         "stored": 1,
         "aggregated": 3,
         "superseded": 0,

@@ -1,14 +1,21 @@
 """The worker tasks: fine-tune a client (θ̄_i -> θ_i, τ_i = θ_i − θ̄_i) and evaluate a
 client's personalized adapter.
 
-Order of writes, so nothing is ever half-written: objects first (under the update's own
-uid), then the database row in one transaction, then the `update.stored` event. A crash
-before the commit leaves only unreferenced objects under a fresh uid; a redelivered
-request with the same id finds its row and does nothing twice.
+A worker runs at a client's site and holds no server secret: it reads no database (what it
+needs comes in the request) and writes none. It reports through the broker, in events the
+aggregator verifies with the client's public key before it records anything
+(schema/events.py).
+
+Order of writes, so nothing is ever half-written: the update's objects under its own uid,
+then its signed report (adapter_store.report_key), then the `update.reported` event. An
+update whose report exists is complete and never rewritten: a redelivered request sends
+the stored report again (the aggregator takes each update once). A crash before the report
+leaves objects nobody refers to, which the redelivery overwrites.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -16,23 +23,27 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from aggregator.sketch import sketch_state_dict
 from aggregator.sketch import to_bytes as sketch_bytes
 from aggregator.task_vectors import StateDict, norm, task_vector
-from schema.events import EvaluateRequest, Message, TrainRequest, UpdateFailed, UpdateStored
-from schema.models import Evaluation, Update, UpdateStatus
+from schema.events import (
+    EvaluateRequest,
+    EvaluationReported,
+    InvalidMessage,
+    Message,
+    TrainRequest,
+    UpdateFailed,
+    UpdateReported,
+)
 from services import adapter_store as ads
 from services import metrics
 from services.celery_app import AGGREGATE_TASK, EVALUATE_TASK, TRAIN_TASK, app, retry_or_fail
 from services.client_data import load_examples
 from services.context import object_store
-from services.db import session_scope
-from services.object_store import ObjectStore
+from services.object_store import ObjectNotFound, ObjectStore
 from services.settings import Settings
-from services.signing import read_secrets, secret_for, sign_update
+from services.signing import read_secrets, secret_for, sign_report
 from workers.model import (
     ModelRuntime,
     TrainResult,
@@ -83,26 +94,47 @@ def record_training(result: TrainResult) -> None:
         metrics.FINETUNE_TOKENS_PER_SECOND.set(result.tokens / result.duration_s)
 
 
+class ReportNotSent(Exception):
+    """The update is complete (its report is stored) but the event did not go out: a retry
+    sends the stored report, and past the retries the aggregator's recovery pass finds it.
+    Never reported as failed."""
+
+
+def site_key(settings: Settings, client_id: int, signed: bool) -> str | None:
+    """The client's key from the site's keys file. A client whose reports the server verifies
+    is served only where its key is: a worker without it refuses (SigningError) before any
+    work."""
+    if signed:
+        return secret_for(settings.client_secrets_path, client_id)
+    return read_secrets(settings.client_secrets_path).get(str(client_id))
+
+
+def stored_report(store: ObjectStore, client_id: int, uid: str) -> UpdateReported | None:
+    """The report of an update this site completed before (None: not completed)."""
+    try:
+        data = store.get(ads.report_key(client_id, uid))
+    except ObjectNotFound:
+        return None
+    try:
+        return UpdateReported.from_dict(json.loads(bytes(data)))
+    except (ValueError, InvalidMessage):
+        return None  # unreadable: train again and overwrite it
+
+
 def run_training(
     settings: Settings, req: TrainRequest, publish: Publish, worker: str | None = None
 ) -> dict[str, Any]:
     """`worker`: who trained it, kept on the update row (the Celery node name)."""
-    db_url = settings.resolved_database_url
     uid, name = req.request_id, req.client_name
-    with session_scope(db_url) as s:
-        existing = s.scalars(select(Update).where(Update.uid == uid)).first()
-        if existing is not None:  # redelivered: the work is done
-            log.info("client=%s update=%s already %s", name, uid, existing.status)
-            return {"update_uid": uid, "status": existing.status, "duplicate": True}
-    # a client whose updates the server verifies is trained only where its key is: refuse
-    # before training
-    site_key = (
-        secret_for(settings.client_secrets_path, req.client_id)
-        if req.signed
-        else read_secrets(settings.client_secrets_path).get(str(req.client_id))
-    )
+    key = site_key(settings, req.client_id, req.signed)
     store = object_store(settings)
+    done = stored_report(store, req.client_id, uid)
+    if done is not None:  # redelivered: the work is done; its report may not have gone out
+        log.info("client=%s update=%s already stored: its report sent again", name, uid)
+        publish(done)
+        return {"update_uid": uid, "status": "stored", "duplicate": True}
     adapter_key, tv_key = ads.update_keys(req.client_id, uid)
+    written = [adapter_key, tv_key, ads.sketch_key(req.client_id, uid)]
     try:
         runtime = get_runtime(settings)
         ensure_initial_adapter(store, runtime, settings)
@@ -125,52 +157,47 @@ def run_training(
         result = runtime.train(start, examples, seed=seed, progress=progress)
         record_training(result)
         tau = task_vector(result.adapter, start)
-        tau_norm = norm(tau)
-        # the sketch is made here, where τ already is (on the GPU when training ran there)
-        sk = (
-            sketch_bytes(sketch_state_dict(tau, settings.sketch_dim, settings.sketch_seed))
-            if settings.sketch_dim > 0
-            else None
-        )
         meta = {"client_id": str(req.client_id), "update_uid": uid}
         adapter_sha = ads.put_state(store, adapter_key, result.adapter, **meta)
         tv_sha = ads.put_state(store, tv_key, tau, **meta)
-        signature = (
-            sign_update(site_key, req.client_id, uid, adapter_sha, tv_sha) if site_key else None
-        )
-        row = Update(
-            uid=uid,
+        sketch_sha = None
+        if settings.sketch_dim > 0:
+            # made here, where τ already is (on the GPU when training ran there)
+            sk = sketch_bytes(sketch_state_dict(tau, settings.sketch_dim, settings.sketch_seed))
+            store.put(written[2], sk)
+            sketch_sha = ads.sha256(sk)
+        report = UpdateReported(
+            update_uid=uid,
             client_id=req.client_id,
             round_id=req.round_id,
             base_version=req.base_version,
-            status=UpdateStatus.STORED,
-            adapter_key=adapter_key,
             adapter_sha256=adapter_sha,
-            task_vector_key=tv_key,
             task_vector_sha256=tv_sha,
-            task_vector_norm=tau_norm,
-            sketch=sk,
-            signature=signature,
+            sketch_sha256=sketch_sha,
+            task_vector_norm=norm(tau),
             num_examples=len(examples),
             steps=result.steps,
             train_loss=result.loss,
             duration_s=result.duration_s,
             worker=worker or socket.gethostname(),
+            signature=None,
         )
-        with session_scope(db_url) as s:
-            s.add(row)
-    except IntegrityError:
-        # another delivery of this request committed first
-        log.info("client=%s update=%s committed by another delivery", name, uid)
-        return {"update_uid": uid, "status": UpdateStatus.STORED.value, "duplicate": True}
+        if key is not None:
+            report = dataclasses.replace(report, signature=sign_report(key, report.signed_bytes()))
+        # last: from here on the update is complete and is only ever sent again
+        store.put(ads.report_key(req.client_id, uid), json.dumps(report.to_dict()).encode())
     except Exception as exc:
         log.warning("client=%s update=%s attempt failed: %s", name, uid, exc)
-        for key in (adapter_key, tv_key):  # nothing half-written stays behind
+        for k in written:  # nothing half-written stays behind
             try:
-                store.delete(key)
+                store.delete(k)
             except Exception:  # noqa: BLE001 - the store may be what failed
-                log.warning("client=%s update=%s could not delete %s", name, uid, key)
+                log.warning("client=%s update=%s could not delete %s", name, uid, k)
         raise
+    try:
+        publish(report)
+    except Exception as exc:
+        raise ReportNotSent(f"update {uid} is stored but its report was not sent: {exc}") from exc
     log.info(
         "client=%s update=%s stored: %d steps in %.1fs, loss %.4f, |tau| %.4f",
         name,
@@ -178,44 +205,27 @@ def run_training(
         result.steps,
         result.duration_s,
         result.loss,
-        tau_norm,
+        report.task_vector_norm,
     )
-    publish(UpdateStored(update_uid=uid, client_id=req.client_id, round_id=req.round_id))
-    return {
-        "update_uid": uid,
-        "status": UpdateStatus.STORED.value,
-        "steps": result.steps,
-        "loss": result.loss,
-    }
+    return {"update_uid": uid, "status": "stored", "steps": result.steps, "loss": result.loss}
 
 
-def record_failure(settings: Settings, req: TrainRequest, reason: str, publish: Publish) -> None:
-    """A failed update row, so `fedvec status` shows it and a round does not wait forever."""
-    try:
-        with session_scope(settings.resolved_database_url) as s:
-            s.add(
-                Update(
-                    uid=req.request_id,
-                    client_id=req.client_id,
-                    round_id=req.round_id,
-                    base_version=-1,
-                    status=UpdateStatus.FAILED,
-                    reason=reason[:2000],
-                    worker=socket.gethostname(),
-                )
-            )
-    except IntegrityError:
-        return  # a row for this request exists already
-    publish(UpdateFailed(update_uid=req.request_id, client_id=req.client_id, round_id=req.round_id))
+def report_failure(req: TrainRequest, reason: str, publish: Publish) -> None:
+    """The worker gave up: the aggregator marks the update failed, so `fedvec status` shows
+    it and a round does not wait for it forever."""
+    publish(
+        UpdateFailed(
+            update_uid=req.request_id,
+            client_id=req.client_id,
+            round_id=req.round_id,
+            reason=reason[:2000],
+        )
+    )
 
 
-def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
-    db_url = settings.resolved_database_url
-    with session_scope(db_url) as s:
-        done = s.scalars(select(Evaluation).where(Evaluation.uid == req.request_id)).first()
-        if done is not None:  # redelivered: the work is done
-            return {"client_id": req.client_id, "version": done.adapter_version, "duplicate": True}
+def run_evaluation(settings: Settings, req: EvaluateRequest, publish: Publish) -> dict[str, Any]:
     name = req.client_name
+    key = site_key(settings, req.client_id, req.signed)
     examples = load_examples(req.test_path)
     if req.max_examples > 0:
         examples = examples[: req.max_examples]
@@ -225,22 +235,19 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
     runtime.load_adapter(load_base(req, store, settings))
     accuracy, loss, balanced = runtime.evaluate(examples)
     metric = metric_name(examples)
-    try:
-        with session_scope(db_url) as s:
-            s.add(
-                Evaluation(
-                    uid=req.request_id,
-                    client_id=req.client_id,
-                    adapter_version=req.base_version,
-                    metric=metric,
-                    accuracy=accuracy,
-                    balanced_accuracy=balanced,
-                    loss=loss,
-                    num_examples=len(examples),
-                )
-            )
-    except IntegrityError:  # another delivery of this request committed first
-        return {"client_id": req.client_id, "version": req.base_version, "duplicate": True}
+    report = EvaluationReported(
+        evaluation_uid=req.request_id,
+        client_id=req.client_id,
+        adapter_version=req.base_version,
+        metric=metric,
+        accuracy=accuracy,
+        balanced_accuracy=balanced,
+        loss=loss,
+        num_examples=len(examples),
+        reason=None,
+        signature=None,
+    )
+    publish(sign_evaluation(report, key))
     log.info(
         "client=%s evaluated version %d: %s %.3f on %d examples",
         name,
@@ -250,6 +257,35 @@ def run_evaluation(settings: Settings, req: EvaluateRequest) -> dict[str, Any]:
         len(examples),
     )
     return {"client_id": req.client_id, "version": req.base_version, "accuracy": accuracy}
+
+
+def sign_evaluation(report: EvaluationReported, key: str | None) -> EvaluationReported:
+    if key is None:
+        return report
+    return dataclasses.replace(report, signature=sign_report(key, report.signed_bytes()))
+
+
+def report_evaluation_failure(
+    settings: Settings, req: EvaluateRequest, reason: str, publish: Publish
+) -> None:
+    """The evaluation could not be done: reported, so that `fedvec evaluate` stops waiting."""
+    try:
+        key = site_key(settings, req.client_id, req.signed)
+    except Exception:  # noqa: BLE001 - the missing key may be why it failed: sent unsigned
+        key = None
+    report = EvaluationReported(
+        evaluation_uid=req.request_id,
+        client_id=req.client_id,
+        adapter_version=req.base_version,
+        metric="",
+        accuracy=None,
+        balanced_accuracy=None,
+        loss=None,
+        num_examples=0,
+        reason=reason[:2000],
+        signature=None,
+    )
+    publish(sign_evaluation(report, key))
 
 
 def publish_event(message: Message) -> None:
@@ -265,9 +301,12 @@ def train(self: Task, message: dict[str, Any]) -> dict[str, Any]:
     try:
         return run_training(settings, req, publish_event, worker=self.request.hostname)
     except Exception as exc:
-        retry_or_fail(self, exc, settings, f"client_id={req.client_id} update={req.request_id}")
+        cause = exc.__cause__ if isinstance(exc, ReportNotSent) else exc  # the broker away?
+        what = f"client_id={req.client_id} update={req.request_id}"
+        retry_or_fail(self, cause if isinstance(cause, Exception) else exc, settings, what)
         log.exception("client_id=%s update=%s failed: %s", req.client_id, req.request_id, exc)
-        record_failure(settings, req, f"{type(exc).__name__}: {exc}", publish_event)
+        if not isinstance(exc, ReportNotSent):
+            report_failure(req, f"{type(exc).__name__}: {exc}", publish_event)
         raise
 
 
@@ -276,7 +315,9 @@ def evaluate(self: Task, message: dict[str, Any]) -> dict[str, Any]:
     settings = app.fedvec_settings
     req = EvaluateRequest.from_dict(message)
     try:
-        return run_evaluation(settings, req)
+        return run_evaluation(settings, req, publish_event)
     except Exception as exc:
         retry_or_fail(self, exc, settings, f"client_id={req.client_id} evaluation")
+        log.exception("client_id=%s evaluation=%s failed: %s", req.client_id, req.request_id, exc)
+        report_evaluation_failure(settings, req, f"{type(exc).__name__}: {exc}", publish_event)
         raise

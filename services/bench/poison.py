@@ -36,6 +36,7 @@ the sha256 of their bytes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,7 @@ from services.context import object_store
 from services.db import session_scope
 from services.demo_data import DEMO_CLIENTS, build_demo_clients
 from services.federation import fresh_federation
+from services.object_store import ObjectNotFound
 from services.settings import Settings
 
 ATTACKS = ("scaled", "flipped")
@@ -165,15 +167,19 @@ def _attacker_train(s: Settings, victim_id: int, round_id: int, attack: str) -> 
 
     def train(start: dict[str, Any], examples: Any, *, seed: int, progress: Any = None) -> Any:
         with session_scope(s.resolved_database_url) as ses:
-            victim = ses.scalars(
-                select(Update).where(Update.round_id == round_id, Update.client_id == victim_id)
+            uid = ses.scalars(
+                select(Update.uid).where(Update.round_id == round_id, Update.client_id == victim_id)
             ).first()
-            if victim is None or victim.task_vector_key is None:
-                raise RuntimeError(f"the victim's update of round {round_id} is not stored yet")
-            key, sha, steps = victim.task_vector_key, victim.task_vector_sha256, victim.steps
-        tau = ads.get_state(
-            object_store(s), key, max_bytes=s.max_adapter_bytes, expected_sha256=sha
-        )
+        store = object_store(s)
+        try:  # the victim's stored report: its update is complete (maybe not aggregated yet)
+            report = json.loads(store.get(ads.report_key(victim_id, uid or "")))
+        except ObjectNotFound:
+            raise RuntimeError(
+                f"the victim's update of round {round_id} is not stored yet"
+            ) from None
+        key = ads.update_keys(victim_id, uid)[1]
+        sha, steps = report["task_vector_sha256"], report["steps"]
+        tau = ads.get_state(store, key, max_bytes=s.max_adapter_bytes, expected_sha256=sha)
         bad = poison(tau, attack)
         adapter = {k: start[k] + bad[k] for k in start}
         return TrainResult(adapter=adapter, steps=steps or 0, loss=0.0, samples=0, duration_s=0.0)
@@ -261,7 +267,7 @@ def run_once(
         for c in clients:
             # the worker's evaluate task body, in process
             req = ops.evaluate_request(s, ids[c.name])
-            accuracy[c.name] = run_evaluation(s, req)["accuracy"]
+            accuracy[c.name] = run_evaluation(s, req, lambda _report: None)["accuracy"]
             bar.update(1)
     with session_scope(s.resolved_database_url) as ses:
         rows = ses.execute(

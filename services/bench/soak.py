@@ -3,12 +3,12 @@ at a fixed rate for a fixed time, to a real aggregator process. Nothing may be l
 the aggregator's memory must stay flat.
 
 This process acts as the workers, without training (so the rate is what we set): for each
-update it writes the adapter and τ to the object store, commits a signed `updates` row and
-sends `update.stored` on the `aggregate` queue, in that order, as workers/tasks.py does.
-Every client starts with one accepted update (bulk-inserted, signed), so the aggregator
-handles a population of N from the first event. A planted 2 % of the updates are bad and
-must end `rejected`: a NaN in τ, a truncated τ file, or a signature made with another
-client's key.
+update it writes the adapter and τ to the object store, commits a `stored` update row (as
+the aggregator's intake records a verified report; signatures are checked there, and
+tested in tests/test_aggregator_service.py) and sends `update.stored` on the `aggregate`
+queue, in that order. Every client starts with one accepted update (bulk-inserted), so the
+aggregator handles a population of N from the first event. A planted 2 % of the updates
+are bad and must end `rejected`: a NaN in τ or a truncated τ file.
 
 At the end it waits (bounded) for the queue to drain, then counts every sent update by its
 final status: lost = sent − (aggregated + superseded + rejected + quarantined + failed),
@@ -63,10 +63,10 @@ from services.context import object_store
 from services.db import session_scope, upgrade
 from services.object_store import ObjectStore
 from services.settings import Settings
-from services.signing import new_private_key, public_key, sign
+from services.signing import new_private_key, public_key
 
 FINAL = FINAL_STATUSES
-BAD_KINDS = ("nan", "corrupt", "forged")
+BAD_KINDS = ("nan", "corrupt")
 FLAT_GROWTH = 0.10  # RSS growth after warm-up, as a fraction of the baseline, still "flat"
 _INSERT_BATCH = 500
 LOCAL_REDIS = "redis://127.0.0.1:6379/13"
@@ -227,7 +227,6 @@ def _enroll(
                 task_vector_sha256=sha,
                 task_vector_norm=norm(tau),
                 sketch=to_bytes(sketch_state_dict(tau, s.sketch_dim, s.sketch_seed)),
-                signature=sign(keys[cid], cid, uid, sha, sha),
                 num_examples=32,
                 worker=f"bench-soak-{run}-seed",
             )
@@ -247,7 +246,7 @@ def _store_update(
     tau: dict[str, torch.Tensor],
     defect: str | None,
 ) -> tuple[str, str]:
-    """What a worker does after training: objects, then the signed row, then the event.
+    """A recorded update: objects, then the `stored` row, then the event.
     Returns (update uid, event id)."""
     from services.celery_app import AGGREGATE_TASK
 
@@ -268,8 +267,6 @@ def _store_update(
         tv_sha = ads.sha256(data)
     else:
         tv_sha = ads.put_state(store, tkey, tau, **meta)
-    signer = pop.ids[(client_index + 1) % len(pop.ids)] if defect == "forged" else cid
-    key = pop.keys[signer]  # forged: signed with another client's key
     with session_scope(s.resolved_database_url) as ses:
         version = ses.scalar(
             select(func.max(PersonalizedAdapter.version)).where(
@@ -288,7 +285,6 @@ def _store_update(
                 task_vector_sha256=tv_sha,
                 task_vector_norm=norm(tau),
                 sketch=sketch,
-                signature=sign(key, cid, uid, adapter_sha, tv_sha),
                 num_examples=32,
                 steps=4,
                 worker=pop.tag,

@@ -5,9 +5,9 @@
    (what a user would write by hand, timing only training), and by fedvec: a real
    `fedvec worker` process (embedded settings: SQLite, local object folder, folder
    broker) running the train task end to end, timed from sending the request to the
-   update row being stored. Nothing is subtracted from fedvec's time; its breakdown comes
-   from the worker's own log lines and Prometheus metrics. Both keep the model loaded
-   (a worker loads it once), so each is warmed with one run first.
+   update's signed report being stored and sent. Nothing is subtracted from fedvec's
+   time; its breakdown comes from the worker's own log lines and Prometheus metrics. Both
+   keep the model loaded (a worker loads it once), so each is warmed with one run first.
 2. Object store. Adapters of ~0.3 MiB (MiniLM's LoRA) to 64 MiB through fedvec's
    adapter_store (encode, hash, validate, decode) against raw `minio` put/get of the same
    bytes, on moto's S3 server in a child process (so that neither its CPU time nor its
@@ -39,13 +39,12 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from schema.models import UpdateStatus
 from services.bench.common import MIB, minilm_lora_state, synthetic_state
 from services.client_data import Example
 from services.console import Echo
@@ -265,7 +264,7 @@ def _log_times(log_path: Path, uid: str) -> dict[str, float]:
             if received is not None:
                 out["received"] = received
             out["training"] = t
-        elif f"update={uid} stored:" in line:  # logged once the row is committed
+        elif f"update={uid} stored:" in line:  # logged once the report is sent
             out["stored"] = t
     return out
 
@@ -278,34 +277,32 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 
 
 def _wait_update(
-    db_url: str, uid: str, worker: subprocess.Popen[bytes], log_path: Path, timeout: float
+    home: Path,
+    client_id: int,
+    uid: str,
+    worker: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout: float,
 ) -> dict[str, Any]:
-    """The update row, polled every 50 ms (light enough not to slow the worker down)."""
-    from sqlalchemy import select
+    """The worker's stored report of the update (its last write before it sends the event;
+    no aggregator runs here), polled every 50 ms (light enough not to slow the worker)."""
+    from services import adapter_store as ads
 
-    from schema.models import Update
-    from services.db import session_scope
-
+    report = home / "objects" / ads.report_key(client_id, uid)
     deadline = time.monotonic() + timeout
     while True:
-        with session_scope(db_url) as s:
-            row = s.scalars(select(Update).where(Update.uid == uid)).first()
-            if row is not None:
-                if row.status != UpdateStatus.STORED:
-                    raise RuntimeError(f"update {uid} is {row.status}: {row.reason}")
-                created = row.created_at
-                if created.tzinfo is None:  # SQLite returns the UTC time without its zone
-                    created = created.replace(tzinfo=UTC)
-                return {
-                    "stored_at": created.timestamp(),
-                    "duration_s": float(row.duration_s or 0.0),
-                    "loss": float(row.train_loss or 0.0),
-                    "steps": int(row.steps or 0),
-                }
+        if report.is_file():
+            data = json.loads(report.read_text())
+            return {
+                "stored_at": report.stat().st_mtime,
+                "duration_s": float(data["duration_s"]),
+                "loss": float(data["train_loss"] or 0.0),
+                "steps": int(data["steps"]),
+            }
         if worker.poll() is not None:
             raise RuntimeError(f"the worker exited ({worker.returncode}):\n{_log_tail(log_path)}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no update row after {timeout:.0f}s:\n{_log_tail(log_path)}")
+            raise TimeoutError(f"no stored update after {timeout:.0f}s:\n{_log_tail(log_path)}")
         time.sleep(0.05)
 
 
@@ -450,7 +447,7 @@ def finetune_overhead(
             before = _scrape(metrics_url) if warm else {}
             sent = time.time()
             ops.send_train(send, req, site="default")
-            row = _wait_update(s.resolved_database_url, req.request_id, worker, log_path, timeout)
+            row = _wait_update(s.home_path, client_id, req.request_id, worker, log_path, timeout)
             after = _scrape(metrics_url)
             logged = _log_times(log_path, req.request_id)
             for _ in range(40):  # the log line follows the commit by a moment
@@ -936,7 +933,7 @@ def run_worker_bench(
                 f"   bare loop    median {ft['bare_median_s']:.3f} s  "
                 f"{ft['samples_per_s']['bare']:.2f} samples/s\n"
                 f"   fedvec task  median {ft['fedvec_median_s']:.3f} s  "
-                f"{ft['samples_per_s']['fedvec']:.2f} samples/s (send -> update row stored)\n"
+                f"{ft['samples_per_s']['fedvec']:.2f} samples/s (send -> update reported)\n"
                 f"   ratio fedvec/bare {ft['ratio']:.3f} (target <= {FINETUNE_TARGET}: "
                 f"{'met' if ft['met'] else 'NOT met'})\n"
                 f"   fedvec breakdown (medians): {_breakdown_text(bd)}"

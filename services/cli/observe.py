@@ -44,25 +44,31 @@ def evaluate(
         max_examples=max_examples,
         timeout=timeout,
         show=not as_json,
+        failures_ok=True,
     )
+    failed = [r for r in rows if r["reason"] is not None]
     if as_json:
         echo_json(rows)
-        return
-    click.echo(
-        table(
-            [
+    else:
+        click.echo(
+            table(
                 [
-                    r["client"],
-                    r["adapter_version"],
-                    f"{r['accuracy']:.3f}",
-                    "-" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.3f}",
-                    r["num_examples"],
-                ]
-                for r in rows
-            ],
-            ["client", "version", "accuracy", "balanced accuracy", "examples"],
+                    [
+                        r["client"],
+                        r["adapter_version"],
+                        "failed" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                        "-" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.3f}",
+                        r["num_examples"],
+                    ]
+                    for r in rows
+                ],
+                ["client", "version", "accuracy", "balanced accuracy", "examples"],
+            )
         )
-    )
+        for r in failed:
+            click.echo(f"client {r['client']}: evaluation failed: {r['reason']}", err=True)
+    if failed:
+        ctx.exit(1)  # as `train` when an update failed
 
 
 def _watch_status(

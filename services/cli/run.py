@@ -75,16 +75,37 @@ def train(
     if rounds > 1 and not wait:
         raise ops.OperationError("--no-wait runs a single round")
     summaries = []
-    for _ in range(rounds):
-        round_id = ops.start_round(settings, chosen, send)
-        if not wait:
-            click.echo(f"round {round_id} started with {len(chosen)} clients")
-            return
-        ops.wait_round(settings, round_id, timeout=timeout, show=not as_json)
-        summary = ops.round_summary(settings, round_id)
-        summaries.append(summary)
-        if not as_json:
-            click.echo(ops.describe_round(summary))
+    round_id: int | None = None
+    try:
+        for i in range(rounds):
+            round_id = ops.start_round(settings, chosen, send)
+            if not wait:
+                click.echo(f"round {round_id} started with {len(chosen)} clients")
+                return
+            if i == 0 and not as_json:
+                click.echo(
+                    f"round {round_id}: {len(chosen)} training requests sent (a worker's first "
+                    "task also loads the model, up to a minute on a CPU)",
+                    err=True,
+                )
+            ops.wait_round(settings, round_id, timeout=timeout, show=not as_json)
+            summary = ops.round_summary(settings, round_id)
+            summaries.append(summary)
+            if not as_json:
+                click.echo(ops.describe_round(summary))
+    except KeyboardInterrupt:
+        which = (
+            f"round {round_id}'s training requests are sent and"
+            if round_id is not None
+            else "the training requests already sent are"
+        )
+        click.echo(
+            f"\ninterrupted: {which} not recalled: the "
+            "workers finish them and the aggregator publishes the round without this "
+            "command. Follow it with `fedvec status --watch`.",
+            err=True,
+        )
+        sys.exit(130)
     if as_json:
         echo_json(summaries)
     if any(summary["failed"] for summary in summaries):
@@ -107,7 +128,9 @@ def worker(ctx: click.Context, site: str | None, device: str | None, loglevel: s
 
     A worker serves either the shared pool or one site: a client enrolled with
     `--site SITE` is only ever trained by `fedvec worker --site SITE`, so its data never
-    leaves that site's machines. At start-up it waits for the database (up to
+    leaves that site's machines. A worker reads and writes no database: what it needs comes
+    in each request and what it did goes back as a signed report through the broker (so a
+    site holds no server credentials). At start-up it waits for the object store (up to
     FEDVEC_STARTUP_TIMEOUT)."""
     from services.celery_app import app, train_queue, worker_argv
     from services.metrics import serve
@@ -117,7 +140,12 @@ def worker(ctx: click.Context, site: str | None, device: str | None, loglevel: s
         settings = settings.replace(site=site)
     if device is not None:
         settings = settings.replace(device=device)
-    when_reachable(settings, lambda: check_db(settings), "the database")
+    from services.adapter_store import ADAPTER_CONFIG_KEY
+    from services.context import object_store
+
+    when_reachable(
+        settings, lambda: object_store(settings).exists(ADAPTER_CONFIG_KEY), "the object store"
+    )
     app.fedvec_settings = settings  # type: ignore[attr-defined]
     serve(settings.metrics_port)
     queue = train_queue(settings.site)

@@ -1,0 +1,42 @@
+"""What fedvec prints for people: tables, and progress that suits where it goes."""
+
+from __future__ import annotations
+
+import io
+
+from services.console import Progress, table
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_pipe_is_a_line_per_step():
+    out = io.StringIO()
+    with Progress(3, "round 1", stream=out) as p:
+        for n in (0, 1, 1, 3):
+            p.update_to(n)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["round 1: 1/3", "round 1: 3/3"]
+    assert "\r" not in out.getvalue()
+
+
+def test_progress_on_a_terminal_is_a_bar_and_nothing_when_hidden():
+    tty = Terminal()
+    with Progress(2, "evaluating", stream=tty) as p:
+        p.update_to(2)
+    assert "\r" in tty.getvalue() and "| 0/2 [" in tty.getvalue()  # a redrawn bar
+    hidden = io.StringIO()
+    with Progress(2, "evaluating", show=False, stream=hidden) as p:
+        p.update_to(2)
+    assert hidden.getvalue() == ""
+
+
+def test_table_aligns_columns():
+    assert table([["a", 1], ["bb", None]], ["name", "n"]).splitlines() == [
+        "name  n",
+        "----  -",
+        "a     1",
+        "bb",
+    ]
