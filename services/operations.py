@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -35,7 +36,13 @@ from services.context import object_store
 from services.db import session_scope
 from services.s3_policy import write_client_policy
 from services.settings import Settings
-from services.signing import SigningError, add_secret, new_private_key, public_key
+from services.signing import (
+    SigningError,
+    add_secret,
+    new_private_key,
+    pending_entry,
+    public_key,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -58,7 +65,25 @@ def enroll(
     task: str = "",
     site: str = "default",
 ) -> dict[str, Any]:
-    """Check the client's data files, then add its row. Nothing is written on refusal."""
+    """Check the client's data files, then add its row with a new key pair whose private key
+    goes to the keys file here. Nothing is written on refusal. (Across organisations the
+    site makes the key and checks the data itself: site_enroll, then enroll_request.)"""
+    summary = check_enrollment(settings, name, data, test=test, task=task, site=site)
+    key = new_private_key()
+    row = _add_client(settings, summary, public_key(key), key)
+    return {**row, "private_key": key, "keys_file": str(settings.client_secrets_path)}
+
+
+def check_enrollment(
+    settings: Settings,
+    name: str,
+    data: str | Path,
+    *,
+    test: str | Path | None = None,
+    task: str = "",
+    site: str = "default",
+) -> dict[str, Any]:
+    """What the client's row records, from its checked data files (OperationError: why not)."""
     if not NAME_RE.match(name):
         raise OperationError(
             f"client name {name!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
@@ -82,25 +107,32 @@ def enroll(
             f"cannot enroll {name}: its data is a generation task (no options), which needs "
             "a causal language model: set FEDVEC_MODEL_KIND=causal-lm and FEDVEC_MODEL_PATH"
         )
-    row = Client(
-        name=name,
-        task=task or Path(data).parent.name,
-        site=site,
-        data_path=str(Path(data).resolve()),
-        test_path=str(Path(test).resolve()) if test else None,
-        num_examples=len(examples),
-        num_test_examples=len(test_examples),
-    )
-    key = new_private_key()
-    row.public_key = public_key(key)
+    return {
+        "name": name,
+        "task": task or Path(data).parent.name,
+        "site": site,
+        "data_path": str(Path(data).resolve()),
+        "test_path": str(Path(test).resolve()) if test else None,
+        "num_examples": len(examples),
+        "num_test_examples": len(test_examples),
+    }
+
+
+def _add_client(
+    settings: Settings, summary: dict[str, Any], public: str, private: str | None
+) -> dict[str, Any]:
+    """The client's row (and, with private, its key in the keys file here) in one step."""
+    row = Client(**summary, public_key=public)
+    name = summary["name"]
     try:
         with session_scope(settings.resolved_database_url) as s:
             s.add(row)
-            s.flush()  # the id names the secret in the site's file
+            s.flush()  # the id names the key in the site's file and the policy file
             # Written before the row commits: a failed write leaves no client without a
             # key; a failed commit leaves an unused entry that the next enrollment of that
             # id overwrites.
-            add_secret(settings.client_secrets_path, row.id, key)
+            if private is not None:
+                add_secret(settings.client_secrets_path, row.id, private)
             policy = (
                 write_client_policy(
                     settings.home_path / "policies", settings.object_store_url, row.id
@@ -112,12 +144,86 @@ def enroll(
         raise OperationError(f"a client named {name!r} is already enrolled") from None
     except (OSError, SigningError) as exc:
         raise OperationError(f"cannot enroll {name}: {exc}") from None
-    return {
-        **client_dict(row),
-        "private_key": key,
-        "keys_file": str(settings.client_secrets_path),
-        "policy_file": str(policy) if policy else None,
-    }
+    return {**client_dict(row), "policy_file": str(policy) if policy else None}
+
+
+# --- enrollment across organisations: the site keeps its key and its data --------------
+REQUEST_FORMAT = "fedvec-enrollment-request/1"
+REQUEST_FIELDS = {
+    "format": str,
+    "name": str,
+    "task": str,
+    "site": str,
+    "data_path": str,
+    "test_path": (str, type(None)),
+    "num_examples": int,
+    "num_test_examples": int,
+    "public_key": str,
+}
+
+
+def site_enroll(
+    settings: Settings,
+    name: str,
+    data: str | Path,
+    *,
+    test: str | Path | None = None,
+    task: str = "",
+    site: str = "default",
+) -> dict[str, Any]:
+    """At the site, with no server credentials: check the data, make the client's key pair,
+    file the private key in the site's keys file (under its name until the admin enrolls
+    it) and return the request the admin enrolls, which holds the public key and a summary
+    of the data, never the data or the private key."""
+    summary = check_enrollment(settings, name, data, test=test, task=task, site=site)
+    key = new_private_key()
+    try:
+        add_secret(settings.client_secrets_path, pending_entry(name), key)
+    except (OSError, SigningError) as exc:
+        raise OperationError(f"cannot prepare {name}: {exc}") from None
+    return {"format": REQUEST_FORMAT, **summary, "public_key": public_key(key)}
+
+
+def read_request(path: str | Path) -> dict[str, Any]:
+    """A site's enrollment request, checked field by field (OperationError: which one)."""
+    try:
+        request = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise OperationError(f"cannot read the enrollment request {path}: {exc}") from None
+    if not isinstance(request, dict) or request.get("format") != REQUEST_FORMAT:
+        raise OperationError(
+            f"{path} is not an enrollment request (`fedvec site-enroll` writes one)"
+        )
+    unknown = sorted(set(request) - set(REQUEST_FIELDS))
+    missing = sorted(set(REQUEST_FIELDS) - set(request))
+    if unknown or missing:
+        raise OperationError(f"enrollment request {path}: missing {missing}, unknown {unknown}")
+    for field_name, kind in REQUEST_FIELDS.items():
+        value = request[field_name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise OperationError(f"enrollment request {path}: {field_name} has the wrong type")
+    for field_name in ("name", "site"):
+        if not NAME_RE.match(request[field_name]):
+            raise OperationError(f"enrollment request {path}: {field_name} is not valid")
+    if request["num_examples"] < 1 or request["num_test_examples"] < 0:
+        raise OperationError(f"enrollment request {path}: the data summary is not valid")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(request["public_key"]))
+    except ValueError:
+        raise OperationError(
+            f"enrollment request {path}: public_key is not an Ed25519 public key (hex)"
+        ) from None
+    return request
+
+
+def enroll_request(settings: Settings, path: str | Path) -> dict[str, Any]:
+    """At the admin: record the client a site's request describes, with its public key. The
+    data is not read here (it stays at the site, which checked it); no private key is made
+    or seen."""
+    request = read_request(path)
+    public = request.pop("public_key")
+    request.pop("format")
+    return {**_add_client(settings, request, public, None), "private_key": None}
 
 
 def rotate_key(settings: Settings, client: Client) -> dict[str, Any]:

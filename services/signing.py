@@ -111,6 +111,13 @@ def sign_report(site_key: str, message: bytes) -> str:
 
 
 # --- the site's keys file: {"<client id>": "<private key or legacy secret>"} -----------
+# A key a site made itself for a client the admin has not enrolled yet (`fedvec site-enroll`)
+# is filed under "name:<client name>": the site never learns the id before the admin
+# records the public key, and the worker finds the key by name until then.
+def pending_entry(name: str) -> str:
+    return f"name:{name}"
+
+
 def read_secrets(path: Path) -> dict[str, str]:
     """The keys of a site's clients ({} when the file does not exist)."""
     try:
@@ -126,9 +133,9 @@ def read_secrets(path: Path) -> dict[str, str]:
     return data
 
 
-def add_secret(path: Path, client_id: int, secret: str) -> None:
-    """Add (or replace) a client's key in the file, written atomically and readable by its
-    owner only (0600)."""
+def add_secret(path: Path, client_id: int | str, secret: str) -> None:
+    """Add (or replace) a client's key in the file (by id, or a pending_entry), written
+    atomically and readable by its owner only (0600)."""
     data = read_secrets(path)
     data[str(client_id)] = secret
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +150,15 @@ def add_secret(path: Path, client_id: int, secret: str) -> None:
         raise
 
 
-def secret_for(path: Path, client_id: int) -> str:
-    secret = read_secrets(path).get(str(client_id))
+def find_secret(path: Path, client_id: int, name: str = "") -> str | None:
+    """The client's key by id, else the key its site made before enrollment (by name)."""
+    data = read_secrets(path)
+    found = data.get(str(client_id))
+    return found if found is not None or not name else data.get(pending_entry(name))
+
+
+def secret_for(path: Path, client_id: int, name: str = "") -> str:
+    secret = find_secret(path, client_id, name)
     if secret is None:
         raise SigningError(
             f"this worker holds no key for client {client_id} (FEDVEC_CLIENT_SECRETS_FILE="

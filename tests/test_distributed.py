@@ -12,6 +12,7 @@ aggregator`), as `honcho start` runs them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ from services.db import session_scope, upgrade
 from services.demo_data import build_demo_clients
 from services.s3_server import start_s3_server
 from services.settings import Settings
+from services.signing import read_secrets
 from tests.conftest import create_postgres_database, redis_broker_url, service_settings
 
 pytestmark = pytest.mark.slow
@@ -158,16 +160,29 @@ def test_two_workers_out_of_order_updates_each_aggregated_exactly_once(deploymen
 
 def test_a_worker_without_database_settings_trains_and_its_update_is_aggregated(deployment):
     """A site's worker holds no server credentials: its database URL names nothing that
-    exists, so any use would fail. It trains and evaluates from what the requests carry,
-    reports through the broker, and the aggregator turns its update into a personalized
-    adapter and records its evaluation."""
+    exists, so any use would fail. The site enrolls its client across the boundary (it
+    checks its data and keeps its private key; the admin records the request's public
+    key), trains and evaluates from what the requests carry, reports through the broker,
+    and the aggregator turns its update into a personalized adapter and records its
+    evaluation."""
     dep = deployment
     s = dep.settings
     c = dep.clients[0]
-    ops.enroll(s, c.name, c.train_path, test=c.test_path, task=c.task, site="site-a")
+    nowhere = s.replace(
+        database_url="postgresql+psycopg://nobody:none@127.0.0.1:9/nothing",
+        client_secrets_file=str(dep.home / "site-a-keys.json"),
+    )
+    request = ops.site_enroll(
+        nowhere, c.name, c.train_path, test=c.test_path, task=c.task, site="site-a"
+    )
+    request_file = dep.home / "request.json"
+    request_file.write_text(json.dumps(request))
+    assert "private" not in request_file.read_text()
+    row = ops.enroll_request(s, request_file)
+    assert row["site"] == "site-a" and row["num_examples"] == request["num_examples"]
+    assert not read_secrets(s.client_secrets_path)  # the admin never held the key
     (client,) = ops.resolve_clients(s, [c.name], False)
     dep.start("aggregator", "aggregator")
-    nowhere = s.replace(database_url="postgresql+psycopg://nobody:none@127.0.0.1:9/nothing")
     log = dep.home / "logs" / "site-worker.log"
     dep.procs.append(processes.start("worker", nowhere, log, "--site", "site-a"))
     send = dep.send()

@@ -757,15 +757,57 @@ def test_k8s_selectors_and_references_resolve():
                 assert v["persistentVolumeClaim"]["claimName"] in claims
 
 
+def site_of(inv: Invocation) -> str | None:
+    return inv.args[inv.args.index("--site") + 1] if "--site" in inv.args else None
+
+
 def test_k8s_fedvec_containers_read_only_fedvec_settings_from_config():
+    """Server processes read the shared Secret; a site's worker reads only its site's."""
+    sites = 0
     for _, c, inv in k8s_invocations():
         sources = c.get("envFrom", [])
         names = {s["configMapRef"]["name"] for s in sources if "configMapRef" in s}
         names |= {s["secretRef"]["name"] for s in sources if "secretRef" in s}
-        assert names == {"fedvec-config", "fedvec-secrets"}, inv.where
-    for obj in (k8s("ConfigMap")["fedvec-config"], k8s("Secret")["fedvec-secrets"]):
-        keys = {**obj.get("data", {}), **obj.get("stringData", {})}
-        assert all(k in ENV_NAMES for k in keys), obj["metadata"]["name"]
+        site = site_of(inv)
+        sites += site is not None
+        wanted = f"fedvec-site-{site}" if site else "fedvec-secrets"
+        assert names == {"fedvec-config", wanted}, inv.where
+        assert [next(iter(s.values()))["name"] for s in sources][-1] == wanted, inv.where
+    assert sites, "the site worker example"
+    envs = [k8s("ConfigMap")["fedvec-config"]["data"]]
+    envs += [
+        o["stringData"]
+        for n, o in k8s("Secret").items()
+        if n == "fedvec-secrets" or (n.startswith("fedvec-site-") and not n.endswith("-keys"))
+    ]
+    for keys in envs:
+        assert all(k in ENV_NAMES for k in keys), keys
+
+
+def test_k8s_site_workers_hold_no_server_secret_and_their_own_keys():
+    """Issue 17: a site holds no database URL, no admin credential, and its clients' keys
+    from its own Secret, mounted read-only where FEDVEC_CLIENT_SECRETS_FILE points."""
+    shared = k8s("Secret")["fedvec-secrets"]["stringData"]
+    for obj, c, inv in k8s_invocations():
+        site = site_of(inv)
+        if site is None:
+            continue
+        secret = k8s("Secret")[f"fedvec-site-{site}"]["stringData"]
+        assert "FEDVEC_DATABASE_URL" not in secret and "FEDVEC_DATABASE_URL" not in inv.env
+        assert urlsplit(secret["FEDVEC_BROKER_URL"]).username == f"fedvec-site-{site}"
+        for key in ("FEDVEC_S3_ACCESS_KEY", "FEDVEC_S3_SECRET_KEY"):
+            assert secret[key] != shared[key], f"{key}: the site's own MinIO user"
+        keys_file = Path(str(inv.env["FEDVEC_CLIENT_SECRETS_FILE"]))
+        volumes = {v["name"]: v for v in pod_spec(obj)["volumes"]}
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(keys_file.parent)]
+        assert mount.get("readOnly") is True
+        source = volumes[mount["name"]]["secret"]
+        assert source["secretName"] == f"fedvec-site-{site}-keys"
+        assert keys_file.name in k8s("Secret")[source["secretName"]]["stringData"]
+        assert (
+            pod_spec(obj)["securityContext"]["fsGroup"]
+            == pod_spec(obj)["securityContext"]["runAsUser"]
+        ), "the worker's user reads the keys file (mode 0440, group fsGroup)"
 
 
 def test_k8s_workers_have_a_gpu_each():

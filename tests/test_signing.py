@@ -25,10 +25,12 @@ from services.signing import (
     ED25519_PREFIX,
     SigningError,
     add_secret,
+    find_secret,
     hmac_key,
     hmac_sign,
     hmac_verify,
     new_private_key,
+    pending_entry,
     public_key,
     read_secrets,
     secret_for,
@@ -123,6 +125,74 @@ def test_enroll_shows_the_private_key_once_and_the_database_keeps_only_the_publi
     assert key not in dump and key.removeprefix(ED25519_PREFIX) not in dump
     listed = CliRunner().invoke(cli, ["clients", "--json"], env=env).output
     assert key not in listed and json.loads(listed)[0]["signing"] == "ed25519"
+
+
+def test_a_site_enrolls_its_client_without_server_credentials_and_keeps_its_key(enrolled, tmp_path):
+    """site-enroll needs no database (its URL names nothing); the admin records the
+    request's public key without reading the data or seeing the private key."""
+    settings, clients = enrolled
+    site_home = tmp_path / "site"
+    site_env = {
+        "FEDVEC_HOME": str(site_home),
+        "FEDVEC_DATABASE_URL": "postgresql+psycopg://nobody:none@127.0.0.1:9/nothing",
+    }
+    request = tmp_path / "news-a.enroll.json"
+    run = CliRunner().invoke(
+        cli,
+        ["site-enroll", "news-a", "--data", str(clients[0].train_path), "--site", "site-a"]
+        + ["--out", str(request)],
+        env=site_env,
+    )
+    assert run.exit_code == 0, run.output
+    assert "fedvec enroll news-a --request" in run.output
+    site_key = read_secrets(site_home / "client-secrets.json")[pending_entry("news-a")]
+    body = json.loads(request.read_text())
+    assert body["public_key"] == public_key(site_key) and site_key not in request.read_text()
+    assert body["site"] == "site-a" and body["num_examples"] == 8
+
+    env = {"FEDVEC_HOME": settings.home}
+    wrong = CliRunner().invoke(cli, ["enroll", "other", "--request", str(request)], env=env)
+    assert wrong.exit_code == 2 and "not for 'other'" in wrong.output
+    both = CliRunner().invoke(
+        cli, ["enroll", "news-a", "--request", str(request), "--data", "x"], env=env
+    )
+    assert both.exit_code == 2 and "either --data" in both.output
+    done = CliRunner().invoke(
+        cli, ["enroll", "news-a", "--request", str(request), "--json"], env=env
+    )
+    assert done.exit_code == 0, done.output
+    row = json.loads(done.output)
+    assert row["private_key"] is None and row["site"] == "site-a"
+    assert row["data_path"] == str(clients[0].train_path.resolve())
+    assert not read_secrets(settings.client_secrets_path)  # the admin holds no key
+    # the site's worker finds the key by name until it is filed under the id
+    assert find_secret(site_home / "client-secrets.json", row["id"], "news-a") == site_key
+    again = CliRunner().invoke(cli, ["enroll", "news-a", "--request", str(request)], env=env)
+    assert again.exit_code == 2 and "already enrolled" in again.output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"public_key": "00" * 31}, "not an Ed25519 public key"),
+        ({"num_examples": "8"}, "num_examples has the wrong type"),
+        ({"site": "a/b"}, "site is not valid"),
+        ({"extra": 1}, "unknown ['extra']"),
+        ({"format": "x"}, "is not an enrollment request"),
+    ],
+)
+def test_a_malformed_enrollment_request_is_refused_and_writes_nothing(
+    enrolled, tmp_path, change, message
+):
+    settings, clients = enrolled
+    site = settings.replace(home=str(tmp_path / "site"))
+    body = ops.site_enroll(site, "news-a", clients[0].train_path, site="site-a")
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({**body, **change}))
+    env = {"FEDVEC_HOME": settings.home}
+    run = CliRunner().invoke(cli, ["enroll", "news-a", "--request", str(request)], env=env)
+    assert run.exit_code != 0 and message in run.output, run.output
+    assert ops.list_clients(settings) == []
 
 
 def test_rotate_key_replaces_the_pair_and_moves_an_hmac_client(enrolled):

@@ -43,7 +43,7 @@ from services.client_data import load_examples
 from services.context import object_store
 from services.object_store import ObjectNotFound, ObjectStore
 from services.settings import Settings
-from services.signing import read_secrets, secret_for, sign_report
+from services.signing import find_secret, secret_for, sign_report
 from workers.model import (
     ModelRuntime,
     TrainResult,
@@ -100,13 +100,13 @@ class ReportNotSent(Exception):
     Never reported as failed."""
 
 
-def site_key(settings: Settings, client_id: int, signed: bool) -> str | None:
+def site_key(settings: Settings, client_id: int, name: str, signed: bool) -> str | None:
     """The client's key from the site's keys file. A client whose reports the server verifies
     is served only where its key is: a worker without it refuses (SigningError) before any
     work."""
     if signed:
-        return secret_for(settings.client_secrets_path, client_id)
-    return read_secrets(settings.client_secrets_path).get(str(client_id))
+        return secret_for(settings.client_secrets_path, client_id, name)
+    return find_secret(settings.client_secrets_path, client_id, name)
 
 
 def stored_report(store: ObjectStore, client_id: int, uid: str) -> UpdateReported | None:
@@ -126,7 +126,7 @@ def run_training(
 ) -> dict[str, Any]:
     """`worker`: who trained it, kept on the update row (the Celery node name)."""
     uid, name = req.request_id, req.client_name
-    key = site_key(settings, req.client_id, req.signed)
+    key = site_key(settings, req.client_id, req.client_name, req.signed)
     store = object_store(settings)
     done = stored_report(store, req.client_id, uid)
     if done is not None:  # redelivered: the work is done; its report may not have gone out
@@ -225,7 +225,7 @@ def report_failure(req: TrainRequest, reason: str, publish: Publish) -> None:
 
 def run_evaluation(settings: Settings, req: EvaluateRequest, publish: Publish) -> dict[str, Any]:
     name = req.client_name
-    key = site_key(settings, req.client_id, req.signed)
+    key = site_key(settings, req.client_id, req.client_name, req.signed)
     examples = load_examples(req.test_path)
     if req.max_examples > 0:
         examples = examples[: req.max_examples]
@@ -270,7 +270,7 @@ def report_evaluation_failure(
 ) -> None:
     """The evaluation could not be done: reported, so that `fedvec evaluate` stops waiting."""
     try:
-        key = site_key(settings, req.client_id, req.signed)
+        key = site_key(settings, req.client_id, req.client_name, req.signed)
     except Exception:  # noqa: BLE001 - the missing key may be why it failed: sent unsigned
         key = None
     report = EvaluationReported(

@@ -68,6 +68,7 @@ def cli(ctx: click.Context, log_level: str | None, debug: bool) -> None:
 
 for command in (
     clients.enroll,
+    clients.site_enroll,
     clients.clients,
     clients.rotate_key,
     clients.site_credentials,

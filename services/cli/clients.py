@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from services import operations as ops
@@ -12,21 +14,35 @@ from services.cli.common import (
 )
 from services.console import table
 
+DATA_HELP = "training data (.jsonl/.json)"
+TEST_HELP = "test split, for `fedvec evaluate`"
+TASK_HELP = "task label shown in tables (default: data folder name)"
+SITE_HELP = "site whose workers hold the data"
+
 
 @click.command()
 @click.argument("name")
+@click.option("--data", "data", type=click.Path(), help=DATA_HELP)
+@click.option("--test", "test", type=click.Path(), help=TEST_HELP)
+@click.option("--task", default="", help=TASK_HELP)
+@click.option("--site", default="default", show_default=True, help=SITE_HELP)
 @click.option(
-    "--data", "data", required=True, type=click.Path(), help="training data (.jsonl/.json)"
-)
-@click.option("--test", "test", type=click.Path(), help="test split, for `fedvec evaluate`")
-@click.option("--task", default="", help="task label shown in tables (default: data folder name)")
-@click.option(
-    "--site", default="default", show_default=True, help="site whose workers hold the data"
+    "--request",
+    "request",
+    type=click.Path(),
+    help="a site's enrollment request (`fedvec site-enroll`) instead of --data",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the client as JSON")
 @click.pass_context
 def enroll(
-    ctx: click.Context, name: str, data: str, test: str | None, task: str, site: str, as_json: bool
+    ctx: click.Context,
+    name: str,
+    data: str | None,
+    test: str | None,
+    task: str,
+    site: str,
+    request: str | None,
+    as_json: bool,
 ) -> None:
     """Enroll client NAME with its training data file.
 
@@ -37,20 +53,91 @@ def enroll(
     The client gets an Ed25519 key pair: the private key is printed once and added to
     FEDVEC_CLIENT_SECRETS_FILE, which the workers of SITE need to train this client (they
     sign its updates with it); the database keeps only the public key, which the
-    aggregator verifies every update with."""
+    aggregator verifies every update with.
+
+    A site in another organisation keeps its data and its key to itself: it runs
+    `fedvec site-enroll` (no server credentials needed) and sends the request file it
+    writes; `fedvec enroll NAME --request FILE` records that client with the site's public
+    key, without reading its data."""
     settings = settings_of(ctx)
+    if (data is None) == (request is None):
+        raise click.UsageError("give either --data (a file here) or --request (from a site)")
+    if request is not None and (test or task or site != "default"):
+        raise click.UsageError("--test, --task and --site come from the request")
     check_db(settings)
-    row = ops.enroll(settings, name, data, test=test, task=task, site=site)
+    if request is not None:
+        if ops.read_request(request)["name"] != name:
+            raise click.UsageError(f"the request {request} is not for {name!r}")
+        row = ops.enroll_request(settings, request)
+    else:
+        row = ops.enroll(settings, name, data, test=test, task=task, site=site)
     if as_json:
         echo_json(row)
-    else:
-        click.echo(f"enrolled {row['name']} (id {row['id']}, {row['num_examples']} examples)")
+        return
+    click.echo(f"enrolled {row['name']} (id {row['id']}, {row['num_examples']} examples)")
+    if row["private_key"]:
         _echo_key(row)
-        if row["policy_file"]:
-            click.echo(
-                f"object-store policy (its own prefix only): {row['policy_file']}; apply it "
-                "with MinIO's `mc admin policy` (README: Reliability and security)"
-            )
+    else:
+        click.echo(
+            f"its site {row['site']!r} holds its private key (filed under its name); the "
+            "server keeps its public key"
+        )
+    if row["policy_file"]:
+        click.echo(
+            f"object-store policy (its own prefix only): {row['policy_file']}; apply it "
+            "with MinIO's `mc admin policy` (README: Reliability and security)"
+        )
+
+
+@click.command("site-enroll")
+@click.argument("name")
+@click.option("--data", "data", required=True, type=click.Path(), help=DATA_HELP)
+@click.option("--test", "test", type=click.Path(), help=TEST_HELP)
+@click.option("--task", default="", help=TASK_HELP)
+@click.option("--site", required=True, help="this site's name (its workers' --site)")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(),
+    help="write the request here (default: <name>.enroll.json)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the request as JSON")
+@click.pass_context
+def site_enroll(
+    ctx: click.Context,
+    name: str,
+    data: str,
+    test: str | None,
+    task: str,
+    site: str,
+    out: str | None,
+    as_json: bool,
+) -> None:
+    """At a site: prepare client NAME's enrollment without any server credentials.
+
+    Checks the data files as `fedvec enroll` does, makes the client's Ed25519 key pair,
+    adds the private key to this site's FEDVEC_CLIENT_SECRETS_FILE and writes a request
+    file: the client's name, task, site, data paths, record counts and public key (never
+    the data, never the private key). Send it to the admin, who runs
+    `fedvec enroll NAME --request FILE`; this site's workers then train the client."""
+    from pathlib import Path
+
+    settings = settings_of(ctx)
+    request = ops.site_enroll(settings, name, data, test=test, task=task, site=site)
+    path = Path(out or f"{name}.enroll.json")
+    try:
+        path.write_text(json.dumps(request, indent=2) + "\n")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc}") from None
+    if as_json:
+        echo_json({**request, "request_file": str(path)})
+        return
+    click.echo(
+        f"{name}: {request['num_examples']} training and {request['num_test_examples']} "
+        f"test records checked; private key added to {settings.client_secrets_path}"
+    )
+    click.echo(f"request written to {path}: send it to the admin, who runs")
+    click.echo(f"  fedvec enroll {name} --request {path.name}")
 
 
 @click.command()
