@@ -59,7 +59,7 @@ from schema.models import ProcessedEvent, Round, RoundStatus, Update, UpdateStat
 from services import adapter_store as ads
 from services import metrics
 from services.context import object_store
-from services.db import exclusive, session_scope
+from services.db import as_utc, exclusive, session_scope
 from services.object_store import ObjectNotFound, ObjectTooLarge
 from services.settings import Settings
 from services.transient import is_transient
@@ -340,8 +340,24 @@ class Aggregator:
                 if records.round_complete(self.db_url, round_id):
                     log.info("recovering round=%s", round_id)
                     self.aggregate(records.round_targets(self.db_url, round_id), round_id=round_id)
-        # requests whose worker stored its report but whose event never came
-        events = [(u, self._stored_report(u)) for u in requested]
+        # requests whose worker stored its report but whose event never came; those past
+        # the deadline without one fail, so that their rounds complete
+        late = datetime.now(UTC) - timedelta(seconds=self.settings.request_deadline)
+        events = []
+        for u in requested:
+            report = self._stored_report(u)
+            if (
+                report is None
+                and self.settings.request_deadline > 0
+                and as_utc(u.created_at) < late
+            ):
+                reason = (
+                    f"no report within FEDVEC_REQUEST_DEADLINE "
+                    f"({self.settings.request_deadline:.0f} s): the request was lost or no "
+                    "worker of its site took it"
+                )
+                report = UpdateFailed(u.uid, u.client_id, u.round_id, reason).to_dict()
+            events.append((u, report))
         events += [(u, UpdateStored(u.uid, u.client_id, None).to_dict()) for u in pending]
         for update, event in events:  # handle() takes the lock itself
             if event is None:

@@ -44,6 +44,10 @@ class Settings:
     # the aggregator re-handles stored updates older than this (seconds) whose event never
     # came: lost with the broker, or its task ran out of retries; 0: only at start-up
     recover_interval: float = 60.0
+    # a train request with no report after this many seconds (its message lost with the
+    # broker, its site's worker never came) is recorded failed, so its round completes
+    # with the others; 0: requests wait for ever
+    request_deadline: float = 6 * 3600.0
     retry_backoff_max: float = 120.0  # seconds; retry delays double from 1 s up to this
     # `fedvec worker` / `aggregator` wait this long at start-up for the database and the
     # object store to be reachable (retrying with backoff) before they give up

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
@@ -900,3 +901,33 @@ def test_recovery_takes_a_stored_report_whose_event_was_lost(harness):
     harness.agg.recover()
     assert harness.status(lost.update_uid) == "aggregated"
     assert harness.status(pending.update_uid) == "requested"
+
+
+def test_a_request_past_its_deadline_fails_and_its_round_completes(harness):
+    """A round's request whose message was lost (or whose site never ran a worker) fails
+    once it is older than FEDVEC_REQUEST_DEADLINE with no report, with a reason; the round
+    then aggregates the others instead of waiting for ever. Younger requests wait."""
+    a, b = harness.client("a"), harness.client("b")
+    rid = harness.round([a, b])
+    harness.agg.handle(harness.report(a, direction(1), rid).to_dict())
+    lost = harness.report(b, direction(2), rid)  # requested; its report never comes
+    harness.agg.recover()  # younger than the deadline: it waits
+    assert harness.status(lost.update_uid) == "requested"
+    with session_scope(harness.db) as s:
+        assert s.get(Round, rid).status == "training"
+        row = s.scalars(select(Update).where(Update.uid == lost.update_uid)).one()
+        row.created_at = datetime.now(UTC) - timedelta(hours=7)
+    harness.agg.recover()
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == lost.update_uid)).one()
+        assert row.status == "failed" and "FEDVEC_REQUEST_DEADLINE" in (row.reason or "")
+        assert s.get(Round, rid).status != "training"
+    assert harness.current(a)[0] == 1  # the round published a's personalized adapter
+    off = Aggregator(harness.settings.replace(request_deadline=0))
+    c = harness.client("c")
+    waiting = harness.report(c, direction(3), harness.round([c]))
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == waiting.update_uid)).one()
+        row.created_at = datetime.now(UTC) - timedelta(days=30)
+    off.recover()
+    assert harness.status(waiting.update_uid) == "requested"  # 0: no deadline

@@ -468,6 +468,7 @@ RESULT_NEUTRAL = frozenset(
         "broker_url",
         "broker_polling_interval",
         "broker_visibility_timeout",
+        "request_deadline",
         "site",
         "task_max_retries",
         "recover_interval",
