@@ -100,13 +100,18 @@ def round_targets(db_url: str, round_id: int) -> list[int]:
 
 # --- status changes -----------------------------------------------------------------------
 def reject(db_url: str, update: Update, reason: str, label: str) -> None:
-    """An unusable update (label: bounded metric label) becomes `rejected`, if still stored."""
-    log.warning("client=%s update=%s rejected: %s", update.client_id, update.uid, reason)
+    """An unusable update (label: bounded metric label) becomes `rejected`: a stored one, or
+    an aggregated one found unusable later (its file corrupted or lost since, read again
+    after a restart), so that `status` and `groups` say why its client left its group."""
     with session_scope(db_url) as s:
         row = s.get(Update, update.id)
-        if row is not None and row.status == UpdateStatus.STORED:
-            row.status = UpdateStatus.REJECTED
-            row.reason = reason[:2000]
+        if row is None or row.status not in (UpdateStatus.STORED, UpdateStatus.AGGREGATED):
+            return
+        if row.status == UpdateStatus.AGGREGATED:
+            reason = f"found unusable after it was aggregated: {reason}"
+        row.status = UpdateStatus.REJECTED
+        row.reason = reason[:2000]
+    log.warning("client=%s update=%s rejected: %s", update.client_id, update.uid, reason)
     metrics.UPDATES_REJECTED.labels(reason=label).inc()
 
 

@@ -633,16 +633,31 @@ def groups(settings: Settings) -> dict[str, Any]:
         if latest is None:
             return {"version": None, "groups": []}
         names = dict(s.execute(select(Client.id, Client.name)).tuples().all())
-        members = s.scalars(select(GroupMember).where(GroupMember.version == latest.version))
+        members = list(s.scalars(select(GroupMember).where(GroupMember.version == latest.version)))
         by_group: dict[int, list[str]] = {}
         for m in members:
             by_group.setdefault(m.group_index, []).append(names.get(m.client_id, str(m.client_id)))
+        grouped = {m.client_id for m in members}
+        outside = []
+        for cid in sorted(set(names) - grouped):
+            last = s.scalars(
+                select(Update).where(Update.client_id == cid).order_by(Update.id.desc()).limit(1)
+            ).first()
+            why = (
+                "no update yet"
+                if last is None
+                else f"last update {last.status}" + (f": {last.reason}" if last.reason else "")
+            )
+            outside.append({"client": names[cid], "why": why})
         return {
             "version": latest.version,
             "strategy": latest.strategy,
             "threshold": latest.threshold,
             "created_at": latest.created_at.isoformat(),
             "groups": [{"group": g, "clients": sorted(v)} for g, v in sorted(by_group.items())],
+            # enrolled clients in no group, and why (a client whose update was found unusable
+            # leaves its group at the next regrouping)
+            "outside": outside,
         }
 
 

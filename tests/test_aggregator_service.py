@@ -30,6 +30,7 @@ from schema.models import (
     Update,
 )
 from services import adapter_store as ads
+from services import operations as ops
 from services.context import object_store
 from services.db import session_scope
 from services.signing import hmac_key, new_private_key, public_key, sign_report
@@ -931,3 +932,33 @@ def test_a_request_past_its_deadline_fails_and_its_round_completes(harness):
         row.created_at = datetime.now(UTC) - timedelta(days=30)
     off.recover()
     assert harness.status(waiting.update_uid) == "requested"  # 0: no deadline
+
+
+def test_an_aggregated_update_found_corrupt_after_a_restart_says_why_its_client_left(harness):
+    """Issue 20: a file corrupted after its update was aggregated is found when a restarted
+    aggregator reads it again. The update becomes `rejected` with the reason, the client
+    leaves its group, and `groups` and `status` say why."""
+    ids = [harness.client(n) for n in ("a", "b", "c")]
+    rid = harness.round(ids)
+    events = [harness.update(c, mix(direction(1), direction(10 + c), 1, 0.3), rid) for c in ids]
+    for e in events:
+        harness.agg.handle(e.to_dict())
+    assert harness.status(events[0].update_uid) == "aggregated"
+    with session_scope(harness.db) as s:
+        key = s.scalars(
+            select(Update.task_vector_key).where(Update.uid == events[0].update_uid)
+        ).one()
+    harness.store.put(key, b"corrupted at rest")
+    harness.agg = Aggregator(harness.settings)  # a restart: nothing cached
+    later = harness.update(ids[1], mix(direction(1), direction(20), 1, 0.3), None)
+    harness.agg.handle(later.to_dict())
+    with session_scope(harness.db) as s:
+        row = s.scalars(select(Update).where(Update.uid == events[0].update_uid)).one()
+    assert row.status == "rejected"
+    assert row.reason.startswith("found unusable after it was aggregated: ")
+    grouped = ops.groups(harness.settings)
+    assert "a" not in {c for g in grouped["groups"] for c in g["clients"]}
+    (outside,) = grouped["outside"]
+    assert outside["client"] == "a" and "found unusable after it was aggregated" in outside["why"]
+    (a_row,) = [r for r in ops.status(harness.settings)["clients"] if r["client"] == "a"]
+    assert a_row["last_update"]["status"] == "rejected"

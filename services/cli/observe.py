@@ -189,3 +189,5 @@ def groups(ctx: click.Context, as_json: bool) -> None:
     )
     for g in data["groups"]:
         click.echo(f"  group {g['group']}: {', '.join(g['clients'])}")
+    for o in data["outside"]:
+        click.echo(f"  in no group: {o['client']} ({o['why']})")
