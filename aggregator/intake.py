@@ -118,8 +118,11 @@ class Intake:
         """An evaluation row from the worker's report: "evaluated", "evaluation-failed", or
         "duplicate" (this evaluation is recorded already); Refused as for updates."""
         with session_scope(self.db_url) as s:
-            if s.get(Client, event.client_id) is None:
-                raise Refused("unknown-client", f"evaluation of unknown client {event.client_id}")
+            client = s.get(Client, event.client_id)
+            if client is None or client.removed_at is not None:
+                raise Refused(
+                    "unknown-client", f"evaluation of unknown or removed client {event.client_id}"
+                )
         self.check_signature(event)
         try:
             with session_scope(self.db_url) as s:

@@ -59,14 +59,14 @@ from schema.models import ProcessedEvent, Round, RoundStatus, Update, UpdateStat
 from services import adapter_store as ads
 from services import metrics
 from services.context import object_store
-from services.db import as_utc, exclusive, session_scope
+from services.db import AGGREGATOR_LOCK, as_utc, exclusive, session_scope
 from services.object_store import ObjectNotFound, ObjectTooLarge
 from services.settings import Settings
 from services.transient import is_transient
 
 log = logging.getLogger(__name__)
 
-LOCK = "fedvec-aggregator"  # one aggregator process at a time regroups
+LOCK = AGGREGATOR_LOCK  # one aggregator process at a time regroups
 
 
 class Aggregator:

@@ -30,7 +30,8 @@ class UpdateStatus(StrEnum):
     """An update's life: REQUESTED (the server sent the train request) -> STORED (the
     aggregator verified the worker's report) -> AGGREGATED | REJECTED | QUARANTINED (a
     likely poisoned update, kept apart) | SUPERSEDED (a newer update of its client was
-    aggregated first); REQUESTED -> FAILED: the worker gave up (no objects referenced).
+    aggregated first); REQUESTED -> FAILED: the worker gave up (no objects referenced);
+    STORED | AGGREGATED -> WITHDRAWN: its client was removed (`fedvec remove`).
     A StrEnum: the column holds the plain string, and members compare equal to it."""
 
     REQUESTED = "requested"
@@ -40,6 +41,7 @@ class UpdateStatus(StrEnum):
     REJECTED = "rejected"
     QUARANTINED = "quarantined"
     FAILED = "failed"
+    WITHDRAWN = "withdrawn"
 
 
 # the statuses an update keeps for good (nothing more happens to it)
@@ -76,6 +78,9 @@ class Client(Base):
     # key. Neither column: enrolled before signing existed (unsigned updates)
     secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # `fedvec remove`: its keys are cleared, its reports refused, its updates withdrawn from
+    # every aggregate; the row stays, with its history
+    removed_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Round(Base):

@@ -72,6 +72,11 @@ def as_utc(stamp: datetime) -> datetime:
     return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC)
 
 
+# held while the aggregator regroups and publishes, and by admin commands that change a
+# client's adapters or updates (remove, rollback), so that neither sees half the other
+AGGREGATOR_LOCK = "fedvec-aggregator"
+
+
 @contextmanager
 def exclusive(url: str, name: str) -> Iterator[None]:
     """Only one process at a time runs the block, whatever the database: PostgreSQL holds a

@@ -37,6 +37,7 @@ from services.settings import Settings
 def read_state(s: Session) -> dict[str, Any]:
     """Everything one scrape reports from the database, in a few aggregate queries."""
     latest = s.scalars(select(Grouping).order_by(Grouping.version.desc()).limit(1)).first()
+    active = Client.removed_at.is_(None)  # a removed client's series go away
     sizes: list[Any] = []  # rows (group index, members)
     client_group: list[Any] = []  # rows (client name, group index)
     if latest is not None:
@@ -51,7 +52,7 @@ def read_state(s: Session) -> dict[str, Any]:
             s.execute(
                 select(Client.name, GroupMember.group_index)
                 .join(GroupMember, GroupMember.client_id == Client.id)
-                .where(GroupMember.version == latest.version)
+                .where(GroupMember.version == latest.version, active)
             ).all()
         )
     # the client's latest update row, else its enrollment
@@ -59,6 +60,7 @@ def read_state(s: Session) -> dict[str, Any]:
         s.execute(
             select(Client.name, func.coalesce(func.max(Update.created_at), Client.enrolled_at))
             .outerjoin(Update, Update.client_id == Client.id)
+            .where(active)
             .group_by(Client.id, Client.name, Client.enrolled_at)
         ).all()
     )
@@ -66,6 +68,7 @@ def read_state(s: Session) -> dict[str, Any]:
         s.execute(
             select(Client.name, func.coalesce(func.max(PersonalizedAdapter.version), 0))
             .outerjoin(PersonalizedAdapter, PersonalizedAdapter.client_id == Client.id)
+            .where(active)
             .group_by(Client.id, Client.name)
         ).all()
     )
@@ -79,12 +82,12 @@ def read_state(s: Session) -> dict[str, Any]:
         s.execute(
             select(Client.name, Evaluation.metric, Evaluation.accuracy)
             .join(Evaluation, Evaluation.client_id == Client.id)
-            .where(Evaluation.id.in_(newest_eval))
+            .where(Evaluation.id.in_(newest_eval), active)
         ).all()
     )
     return {
         "sites": sorted(set(s.scalars(select(Client.site).distinct()))),
-        "clients": s.scalar(select(func.count()).select_from(Client)) or 0,
+        "clients": s.scalar(select(func.count()).select_from(Client).where(active)) or 0,
         "by_status": dict(
             s.execute(select(Update.status, func.count()).group_by(Update.status)).all()
         ),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,12 +28,15 @@ from schema.models import (
     PersonalizedAdapter,
     Round,
     RoundStatus,
+    SimilarityEdge,
     Update,
     UpdateStatus,
+    utcnow,
 )
 from services.client_data import ClientDataError, load_examples, task_kind
 from services.context import object_store
-from services.db import session_scope
+from services.db import AGGREGATOR_LOCK, exclusive, session_scope
+from services.object_store import ObjectNotFound
 from services.s3_policy import write_client_policy
 from services.settings import Settings
 from services.signing import (
@@ -257,6 +260,7 @@ def client_dict(c: Client) -> dict[str, Any]:
         "test_path": c.test_path,
         "signing": signing_scheme(c),
         "enrolled_at": c.enrolled_at.isoformat(),
+        "removed_at": c.removed_at.isoformat() if c.removed_at else None,
     }
 
 
@@ -266,16 +270,26 @@ def signing_scheme(c: Client) -> str:
     return "ed25519" if c.public_key else "hmac" if c.secret_hash else "none"
 
 
-def list_clients(settings: Settings) -> list[dict[str, Any]]:
+def list_clients(settings: Settings, removed: bool = False) -> list[dict[str, Any]]:
+    """Enrolled clients; removed ones too with removed."""
+    query = select(Client) if removed else _active()
     with session_scope(settings.resolved_database_url) as s:
-        return [client_dict(c) for c in s.scalars(select(Client).order_by(Client.id))]
+        return [client_dict(c) for c in s.scalars(query.order_by(Client.id))]
 
 
-def resolve_clients(settings: Settings, names: Iterable[str], all_: bool = False) -> list[Client]:
-    """Clients by name or id; all enrolled ones with all_."""
+def _active() -> Any:
+    """Clients not removed."""
+    return select(Client).where(Client.removed_at.is_(None))
+
+
+def resolve_clients(
+    settings: Settings, names: Iterable[str], all_: bool = False, *, removed_ok: bool = False
+) -> list[Client]:
+    """Clients by name or id (a removed one only with removed_ok); all enrolled ones, not
+    removed, with all_."""
     with session_scope(settings.resolved_database_url) as s:
         if all_:
-            clients = list(s.scalars(select(Client).order_by(Client.id)))
+            clients = list(s.scalars(_active().order_by(Client.id)))
             if not clients:
                 raise OperationError("no clients are enrolled: run `fedvec enroll` first")
             return clients
@@ -287,6 +301,8 @@ def resolve_clients(settings: Settings, names: Iterable[str], all_: bool = False
             c = s.scalars(stmt).first()
             if c is None:
                 raise OperationError(f"unknown client {name!r} (see `fedvec clients`)")
+            if c.removed_at is not None and not removed_ok:
+                raise OperationError(f"client {name!r} was removed on {c.removed_at:%Y-%m-%d}")
             out.append(c)
         if not out:
             raise OperationError("name at least one client, or use --all")
@@ -631,9 +647,17 @@ def groups(settings: Settings) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url) as s:
         latest = s.scalars(select(Grouping).order_by(Grouping.version.desc()).limit(1)).first()
         if latest is None:
-            return {"version": None, "groups": []}
-        names = dict(s.execute(select(Client.id, Client.name)).tuples().all())
-        members = list(s.scalars(select(GroupMember).where(GroupMember.version == latest.version)))
+            return {"version": None, "groups": [], "outside": []}
+        names = dict(
+            s.execute(select(Client.id, Client.name).where(Client.removed_at.is_(None)))
+            .tuples()
+            .all()
+        )
+        members = [
+            m
+            for m in s.scalars(select(GroupMember).where(GroupMember.version == latest.version))
+            if m.client_id in names  # a client removed since leaves at the next regrouping
+        ]
         by_group: dict[int, list[str]] = {}
         for m in members:
             by_group.setdefault(m.group_index, []).append(names.get(m.client_id, str(m.client_id)))
@@ -668,7 +692,7 @@ def group_of(settings: Settings) -> dict[str, int]:
 
 def status(settings: Settings, queue_depths: dict[str, int | None] | None = None) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url) as s:
-        clients = list(s.scalars(select(Client).order_by(Client.id)))
+        clients = list(s.scalars(_active().order_by(Client.id)))
         rows = []
         for c in clients:
             last = s.scalars(
@@ -738,3 +762,127 @@ def export_adapter(
     config = json.loads(store.get(ads.ADAPTER_CONFIG_KEY))
     ads.write_peft_folder(out_dir, state, config)
     return {"client": client.name, "version": version, "path": str(out_dir.resolve())}
+
+
+# --- client lifecycle: remove, versions, roll back ---------------------------------------
+def remove_client(settings: Settings, client: Client, delete_objects: bool) -> dict[str, Any]:
+    """Remove a client in one transaction: its keys are cleared (its reports are refused from
+    then on), its train requests in flight fail (their rounds complete without it), its
+    accepted updates are withdrawn from every aggregate, and its similarity edges go. The
+    row and its history stay. Objects are kept unless delete_objects; their deletion comes
+    after the commit and can be run again (`fedvec remove --delete-objects` on a removed
+    client finishes it), so nothing is left half-removed in the database."""
+    db = settings.resolved_database_url
+    counts: Counter[str] = Counter()
+    with exclusive(db, AGGREGATOR_LOCK), session_scope(db) as s:
+        row = s.get(Client, client.id)
+        if row is None:
+            raise OperationError(f"unknown client {client.name!r}")
+        already = row.removed_at is not None
+        if not already:
+            row.removed_at = utcnow()
+            row.public_key = row.secret_hash = None
+            for u in s.scalars(select(Update).where(Update.client_id == row.id)):
+                if u.status == UpdateStatus.REQUESTED:
+                    u.status, u.reason = UpdateStatus.FAILED, "client removed"
+                elif u.status in (UpdateStatus.STORED, UpdateStatus.AGGREGATED):
+                    u.status, u.reason = UpdateStatus.WITHDRAWN, "client removed"
+                else:
+                    continue
+                counts[u.status] += 1
+            s.execute(
+                delete(SimilarityEdge).where(
+                    (SimilarityEdge.client_id == row.id) | (SimilarityEdge.peer_id == row.id)
+                )
+            )
+        out = client_dict(row)
+    (settings.home_path / "policies" / f"client-{client.id}.json").unlink(missing_ok=True)
+    deleted = 0
+    if delete_objects:
+        store = object_store(settings)
+        for key in store.list(f"clients/{client.id}/"):
+            store.delete(key)
+            deleted += 1
+    return {
+        **out,
+        "already_removed": already,
+        "requests_failed": counts[UpdateStatus.FAILED],
+        "updates_withdrawn": counts[UpdateStatus.WITHDRAWN],
+        "objects_deleted": deleted if delete_objects else None,
+    }
+
+
+def versions(settings: Settings, client: Client) -> list[dict[str, Any]]:
+    """The client's personalized adapter versions, oldest first (0: the initial adapter)."""
+    with session_scope(settings.resolved_database_url) as s:
+        rows = s.scalars(
+            select(PersonalizedAdapter)
+            .where(PersonalizedAdapter.client_id == client.id)
+            .order_by(PersonalizedAdapter.version)
+        )
+        return [
+            {
+                "version": r.version,
+                "strategy": r.strategy,
+                "updates": len(r.sources.get("updates", [])),
+                "rollback_to": r.sources.get("rollback_to"),
+                "sha256": r.sha256,
+                "created_at": r.created_at.isoformat(),
+            }
+            for r in rows
+        ]
+
+
+def rollback(settings: Settings, client: Client, to_version: int) -> dict[str, Any]:
+    """Publish a copy of an earlier personalized version as the client's newest one. History
+    only grows (a worker that trained from the bad version is still recognised as such);
+    the client's next training starts from the copy. The copied adapter is read and its
+    sha256 checked first: a lost or corrupt version is refused, nothing written."""
+    from services import adapter_store as ads  # imports torch: only here
+
+    db, store = settings.resolved_database_url, object_store(settings)
+    with exclusive(db, AGGREGATOR_LOCK), session_scope(db) as s:
+        latest = s.scalars(
+            select(PersonalizedAdapter)
+            .where(PersonalizedAdapter.client_id == client.id)
+            .order_by(PersonalizedAdapter.version.desc())
+            .limit(1)
+        ).first()
+        if latest is None:
+            raise OperationError(f"client {client.name} has no personalized adapter yet")
+        if not 0 <= to_version < latest.version:
+            raise OperationError(
+                f"client {client.name} is at version {latest.version}: roll back to one of "
+                f"0..{latest.version - 1} (`fedvec versions {client.name}`)"
+            )
+        watermark = 0  # the highest update id in the copy: newer peers' updates apply again
+        if to_version == 0:
+            key = ads.INITIAL_ADAPTER_KEY
+            sha = ads.sha256(store.get_bounded(key, settings.max_adapter_bytes))
+        else:
+            old = s.scalars(
+                select(PersonalizedAdapter).where(
+                    PersonalizedAdapter.client_id == client.id,
+                    PersonalizedAdapter.version == to_version,
+                )
+            ).one()
+            key, sha = old.key, old.sha256
+            watermark = int(old.sources.get("watermark", 0))
+        try:
+            ads.get_state(store, key, max_bytes=settings.max_adapter_bytes, expected_sha256=sha)
+        except (ads.InvalidAdapter, ObjectNotFound) as exc:
+            raise OperationError(
+                f"cannot roll {client.name} back to version {to_version}: {exc}"
+            ) from None
+        new = PersonalizedAdapter(
+            client_id=client.id,
+            version=latest.version + 1,
+            key=key,
+            sha256=sha,
+            strategy="rollback",
+            sources={"watermark": watermark, "updates": [], "rollback_to": to_version},
+            trigger_update_id=latest.trigger_update_id,
+        )
+        s.add(new)
+        s.flush()
+        return {"client": client.name, "version": new.version, "copy_of": to_version}

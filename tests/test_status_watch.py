@@ -93,6 +93,7 @@ def test_json_watch_prints_one_object_per_line(enrolled):
             "rejected": 0,
             "quarantined": 0,
             "failed": 0,
+            "withdrawn": 0,
         }
         assert o["summary"]["grouping_version"] is None
     assert objs[0]["summary"]["aggregated_per_s"] is None
@@ -119,6 +120,7 @@ def test_summary_counts_updates_and_their_rate(enrolled, monkeypatch):
         "rejected": 0,
         "quarantined": 0,
         "failed": 1,
+        "withdrawn": 0,
     }
     assert summary["aggregated_since_last_frame"] == 3
     assert 0 < summary["aggregated_per_s"] <= 3 / 0.1 + 1e-6

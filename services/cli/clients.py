@@ -1,4 +1,5 @@
-"""Clients: enroll one, list them, rotate a client's key."""
+"""Clients: enroll one (here, or from a site's request), list them, rotate a key, remove one,
+list and roll back its personalized versions."""
 
 from __future__ import annotations
 
@@ -141,13 +142,14 @@ def site_enroll(
 
 
 @click.command()
+@click.option("--removed", is_flag=True, help="list removed clients too")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def clients(ctx: click.Context, as_json: bool) -> None:
+def clients(ctx: click.Context, removed: bool, as_json: bool) -> None:
     """List enrolled clients."""
     settings = settings_of(ctx)
     check_db(settings)
-    rows = ops.list_clients(settings)
+    rows = ops.list_clients(settings, removed=removed)
     if as_json:
         echo_json(rows)
         return
@@ -161,7 +163,7 @@ def clients(ctx: click.Context, as_json: bool) -> None:
                     r["site"],
                     r["num_examples"],
                     r["num_test_examples"],
-                    r["signing"],
+                    "removed" if r["removed_at"] else r["signing"],
                 ]
                 for r in rows
             ],
@@ -246,3 +248,104 @@ def site_credentials(ctx: click.Context, site: str, apply: bool, as_json: bool) 
         click.echo(f"at the broker's redis-cli prompt (or piped into redis-cli): {command}")
     click.echo(f"site {site}: FEDVEC_SITE={site} FEDVEC_BROKER_URL={creds.broker_url}")
     click.echo("(the password is shown once)")
+
+
+@click.command()
+@click.argument("client")
+@click.option(
+    "--delete-objects",
+    is_flag=True,
+    help="also delete its objects (updates, personalized adapters) from the object store",
+)
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--json", "as_json", is_flag=True, help="print what was done as JSON")
+@click.pass_context
+def remove(ctx: click.Context, client: str, delete_objects: bool, yes: bool, as_json: bool) -> None:
+    """Remove CLIENT: it trains no more and leaves every aggregate.
+
+    In one database transaction: its keys are cleared (its reports are refused from then
+    on), its train requests in flight are recorded failed (their rounds complete without
+    it), its updates are withdrawn from every other client's aggregate (status
+    `withdrawn`) and its similarity edges are dropped; it leaves its group at the next
+    regrouping. Its row and history stay (`fedvec clients --removed`); its name stays
+    taken. Its objects stay too, unless --delete-objects: they are deleted after the
+    commit, and running the command again finishes an interrupted deletion.
+
+    Revoke the rest by hand: its site's copy of the private key, and with MinIO its
+    object-store policy (`mc admin policy detach`)."""
+    settings = settings_of(ctx)
+    check_db(settings)
+    (c,) = ops.resolve_clients(settings, [client], removed_ok=True)
+    if not yes and not as_json:
+        what = "and delete its objects" if delete_objects else "(its objects are kept)"
+        click.confirm(f"remove client {c.name} (id {c.id}) {what}?", abort=True)
+    row = ops.remove_client(settings, c, delete_objects)
+    if as_json:
+        echo_json(row)
+        return
+    if row["already_removed"]:
+        click.echo(f"{row['name']} was already removed")
+    else:
+        click.echo(
+            f"removed {row['name']} (id {row['id']}): {row['requests_failed']} request(s) in "
+            f"flight failed, {row['updates_withdrawn']} update(s) withdrawn"
+        )
+    if row["objects_deleted"] is not None:
+        click.echo(f"deleted {row['objects_deleted']} object(s) under clients/{row['id']}/")
+
+
+@click.command()
+@click.argument("client")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def versions(ctx: click.Context, client: str, as_json: bool) -> None:
+    """CLIENT's personalized adapter versions (what `fedvec rollback` can return to)."""
+    settings = settings_of(ctx)
+    check_db(settings)
+    (c,) = ops.resolve_clients(settings, [client], removed_ok=True)
+    rows = ops.versions(settings, c)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"{c.name} has no personalized adapter yet (version 0: the initial one)")
+        return
+    click.echo(
+        table(
+            [
+                [
+                    r["version"],
+                    r["created_at"][:19],
+                    r["strategy"],
+                    f"copy of {r['rollback_to']}" if r["rollback_to"] is not None else r["updates"],
+                    r["sha256"][:12],
+                ]
+                for r in rows
+            ],
+            ["version", "created", "strategy", "updates", "sha256"],
+        )
+    )
+
+
+@click.command()
+@click.argument("client")
+@click.option("--to", "to_version", type=click.IntRange(min=0), required=True, help="version")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollback(ctx: click.Context, client: str, to_version: int, as_json: bool) -> None:
+    """Roll CLIENT back to an earlier personalized version (see `fedvec versions`).
+
+    The earlier adapter is checked (read, sha256) and published again as the newest
+    version, so history only grows; the client's next training starts from it. Use it
+    when a personalized adapter is bad or corrupt (every training of the client then
+    fails). Version 0 is the shared initial adapter."""
+    settings = settings_of(ctx)
+    check_db(settings)
+    (c,) = ops.resolve_clients(settings, [client])
+    row = ops.rollback(settings, c, to_version)
+    if as_json:
+        echo_json(row)
+    else:
+        click.echo(
+            f"{row['client']} is at version {row['version']}, a copy of version {row['copy_of']}"
+        )
