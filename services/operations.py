@@ -4,8 +4,11 @@ the demo and the tests call them directly)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -886,3 +889,54 @@ def rollback(settings: Settings, client: Client, to_version: int) -> dict[str, A
         s.add(new)
         s.flush()
         return {"client": client.name, "version": new.version, "copy_of": to_version}
+
+
+# --- a FLAN-format folder --------------------------------------------------------------
+def enroll_flan(
+    settings: Settings,
+    data_dir: str | Path,
+    *,
+    site: str = "default",
+    shards: int = 1,
+    test_per_client: int | None = None,
+) -> dict[str, Any]:
+    """Enroll every multiple-choice client of a FLAN folder (train_client_K.json, any K, and
+    test.jsonl): each gets its records as train.jsonl and its task's test records as
+    test.jsonl under FEDVEC_HOME/data/<folder>/<client>/. Every file is checked, and no
+    name is taken, before the first client is enrolled."""
+    from services.flan_data import build_flan_clients  # reads and writes files: only here
+
+    source = Path(data_dir).expanduser().resolve()
+    out = settings.home_path / "data" / source.name
+    out.mkdir(parents=True, exist_ok=True)
+    # written beside, then moved in: a refusal leaves the files of enrolled clients as they are
+    with tempfile.TemporaryDirectory(dir=out, prefix=".new-") as tmp:
+        try:
+            built = build_flan_clients(source, tmp, shards=shards, test_per_client=test_per_client)
+        except (FileNotFoundError, ClientDataError, ValueError) as exc:
+            raise OperationError(f"cannot enroll {source}: {exc}") from None
+        names = [c.name for c in built.clients]
+        if not names:
+            raise OperationError(f"{source} has no multiple-choice client to enroll")
+        with session_scope(settings.resolved_database_url) as s:
+            taken = sorted(s.scalars(select(Client.name).where(Client.name.in_(names))))
+        if taken:
+            raise OperationError(
+                f"already enrolled: {', '.join(taken)}; nothing enrolled (remove them first, "
+                "or enroll another copy of the folder under another name)"
+            )
+        for name in names:
+            shutil.rmtree(out / name, ignore_errors=True)  # left by a client never enrolled
+            os.replace(Path(tmp) / name, out / name)
+    rows = []
+    for c in built.clients:
+        train, test = out / c.name / "train.jsonl", out / c.name / "test.jsonl"
+        row = enroll(settings, c.name, train, test=test, task=c.task, site=site)
+        rows.append({k: v for k, v in row.items() if k != "private_key"})
+    return {
+        "data_dir": str(source),
+        "written_to": str(out),
+        "clients": rows,
+        "left_out": built.left_out,
+        "keys_file": str(settings.client_secrets_path),
+    }

@@ -5,6 +5,9 @@ the same code with other settings."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -158,3 +161,19 @@ def test_exported_adapter_loads_with_peft_and_matches_the_worker(run, tmp_path):
     acc = runtime.evaluate(all_examples).score
     worker_acc = next(e["accuracy"] for e in evals if e["client_id"] == client.id)
     assert acc == pytest.approx(worker_acc)
+
+
+def test_the_readmes_peft_snippet_runs_as_written(run, tmp_path, monkeypatch):
+    """Issue 20: the README's loading snippet, run as it is printed, on an export."""
+    settings, _, enrolled, _ = run
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+        if "PeftModel.from_pretrained" in block
+    ]
+    monkeypatch.chdir(tmp_path)
+    ops.export_adapter(settings, enrolled[0], tmp_path / "out" / "adapter")
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert scope["scores"].shape == (2,) and torch.isfinite(scope["scores"]).all()

@@ -171,3 +171,37 @@ def test_stored_results_depend_on_the_settings_that_can_change_them():
     assert result_settings(neutral) == result_settings(s)
     for change in ({"learning_rate": 2e-3}, {"min_steps": 4}, {"strategy": "local"}):
         assert result_settings(s.replace(**change)) != result_settings(s)
+
+
+def test_enroll_flan_enrolls_each_client_with_its_tasks_test_records(
+    mixed_folder, embedded_settings
+):
+    """Issue 20: `fedvec enroll-flan DIR` enrolls the folder's multiple-choice clients, each
+    with its own task's test records (test.jsonl mixes every task); again, it refuses and
+    changes nothing."""
+    from click.testing import CliRunner
+
+    from services import operations as ops
+    from services.cli import cli
+
+    env = {"FEDVEC_HOME": embedded_settings.home}
+    run = CliRunner().invoke(cli, ["enroll-flan", str(mixed_folder), "--json"], env=env)
+    assert run.exit_code == 0, run.output
+    out = json.loads(run.output)
+    assert [(c["name"], c["num_examples"], c["num_test_examples"]) for c in out["clients"]] == [
+        ("flan-3-colours", 40, 9),
+        ("flan-12-yesno", 30, 7),
+    ]
+    assert "client 7 (rewrite)" in out["left_out"][0] and "private_key" not in run.output
+    test_file = Path(out["clients"][0]["test_path"])
+    assert {e.answer for e in load_examples(test_file)} <= {"red", "green", "blue"}
+    before = test_file.read_bytes()
+    again = CliRunner().invoke(
+        cli, ["enroll-flan", str(mixed_folder), "--test-per-client", "2"], env=env
+    )
+    assert again.exit_code == 2 and "already enrolled: flan-12-yesno, flan-3-colours" in (
+        again.output
+    )
+    assert test_file.read_bytes() == before and len(ops.list_clients(embedded_settings)) == 2
+    missing = CliRunner().invoke(cli, ["enroll-flan", str(mixed_folder / "nope")], env=env)
+    assert missing.exit_code == 2 and "is not at" in missing.output

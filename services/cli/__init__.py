@@ -69,6 +69,7 @@ def cli(ctx: click.Context, log_level: str | None, debug: bool) -> None:
 for command in (
     clients.enroll,
     clients.site_enroll,
+    clients.enroll_flan,
     clients.clients,
     clients.rotate_key,
     clients.remove,

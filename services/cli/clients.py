@@ -349,3 +349,65 @@ def rollback(ctx: click.Context, client: str, to_version: int, as_json: bool) ->
         click.echo(
             f"{row['client']} is at version {row['version']}, a copy of version {row['copy_of']}"
         )
+
+
+@click.command("enroll-flan")
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--site", default="default", show_default=True, help="site whose workers hold the data"
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="cut each task's records into this many clients",
+)
+@click.option(
+    "--test-per-client",
+    type=click.IntRange(min=1),
+    default=None,
+    help="test records per client (default: all of its task's)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the clients as JSON")
+@click.pass_context
+def enroll_flan(
+    ctx: click.Context,
+    data_dir: str,
+    site: str,
+    shards: int,
+    test_per_client: int | None,
+    as_json: bool,
+) -> None:
+    """Enroll every client of a FLAN-format folder DATA_DIR.
+
+    The folder holds train_client_K.json (a JSON list of one task's FLAN records, any
+    number of clients) and test.jsonl (every task's test records, each with its `task`).
+    Each multiple-choice client is enrolled as flan-K-TASK with its records and its own
+    task's test records, written under FEDVEC_HOME/data/; generation clients are left out
+    (the encoder cannot score them), with a line saying so. Every file is checked first:
+    on any error nothing is enrolled. The clients' private keys go to
+    FEDVEC_CLIENT_SECRETS_FILE."""
+    settings = settings_of(ctx)
+    check_db(settings)
+    out = ops.enroll_flan(
+        settings, data_dir, site=site, shards=shards, test_per_client=test_per_client
+    )
+    if as_json:
+        echo_json(out)
+        return
+    click.echo(
+        table(
+            [
+                [r["id"], r["name"], r["task"], r["num_examples"], r["num_test_examples"]]
+                for r in out["clients"]
+            ],
+            ["id", "name", "task", "train", "test"],
+        )
+    )
+    for line in out["left_out"]:
+        click.echo(f"left out: {line}")
+    click.echo(
+        f"enrolled {len(out['clients'])} clients from {out['data_dir']} (their files: "
+        f"{out['written_to']}; their keys: {out['keys_file']}, for the workers of site {site!r})"
+    )
