@@ -235,19 +235,8 @@ def run_evaluation(settings: Settings, req: EvaluateRequest, publish: Publish) -
     runtime.load_adapter(load_base(req, store, settings))
     accuracy, loss, balanced = runtime.evaluate(examples)
     metric = metric_name(examples)
-    report = EvaluationReported(
-        evaluation_uid=req.request_id,
-        client_id=req.client_id,
-        adapter_version=req.base_version,
-        metric=metric,
-        accuracy=accuracy,
-        balanced_accuracy=balanced,
-        loss=loss,
-        num_examples=len(examples),
-        reason=None,
-        signature=None,
-    )
-    publish(sign_evaluation(report, key))
+    scores = {"metric": metric, "accuracy": accuracy, "balanced_accuracy": balanced}
+    publish(evaluation_report(req, key, **scores, loss=loss, num_examples=len(examples)))
     log.info(
         "client=%s evaluated version %d: %s %.3f on %d examples",
         name,
@@ -259,7 +248,30 @@ def run_evaluation(settings: Settings, req: EvaluateRequest, publish: Publish) -
     return {"client_id": req.client_id, "version": req.base_version, "accuracy": accuracy}
 
 
-def sign_evaluation(report: EvaluationReported, key: str | None) -> EvaluationReported:
+def evaluation_report(
+    req: EvaluateRequest,
+    key: str | None,
+    *,
+    metric: str = "",
+    accuracy: float | None = None,
+    balanced_accuracy: float | None = None,
+    loss: float | None = None,
+    num_examples: int = 0,
+    reason: str | None = None,
+) -> EvaluationReported:
+    """The evaluation's report (scores, or the reason there are none), signed with key."""
+    report = EvaluationReported(
+        evaluation_uid=req.request_id,
+        client_id=req.client_id,
+        adapter_version=req.base_version,
+        metric=metric,
+        accuracy=accuracy,
+        balanced_accuracy=balanced_accuracy,
+        loss=loss,
+        num_examples=num_examples,
+        reason=reason,
+        signature=None,
+    )
     if key is None:
         return report
     return dataclasses.replace(report, signature=sign_report(key, report.signed_bytes()))
@@ -273,19 +285,7 @@ def report_evaluation_failure(
         key = site_key(settings, req.client_id, req.client_name, req.signed)
     except Exception:  # noqa: BLE001 - the missing key may be why it failed: sent unsigned
         key = None
-    report = EvaluationReported(
-        evaluation_uid=req.request_id,
-        client_id=req.client_id,
-        adapter_version=req.base_version,
-        metric="",
-        accuracy=None,
-        balanced_accuracy=None,
-        loss=None,
-        num_examples=0,
-        reason=reason[:2000],
-        signature=None,
-    )
-    publish(sign_evaluation(report, key))
+    publish(evaluation_report(req, key, reason=reason[:2000]))
 
 
 def publish_event(message: Message) -> None:
