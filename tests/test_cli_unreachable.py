@@ -45,6 +45,10 @@ def _one_line(result) -> str:
         ["db", "current"],
         ["rotate-key", "a"],
         ["enroll", "a", "--data", "TRAIN"],
+        ["enroll-flan", "FOLDER"],
+        ["remove", "a", "--yes"],
+        ["versions", "a"],
+        ["rollback", "a", "--to", "0"],
     ],
 )
 def test_an_unreachable_database_is_one_line_and_exit_3(args, tmp_path, train_file):
@@ -53,7 +57,8 @@ def test_an_unreachable_database_is_one_line_and_exit_3(args, tmp_path, train_fi
         "FEDVEC_HOME": str(tmp_path),
         "FEDVEC_DATABASE_URL": f"postgresql+psycopg://fedvec:{PASSWORD}@127.0.0.1:{port}/x",
     }
-    result = _run([train_file if a == "TRAIN" else a for a in args], env)
+    folder = str(tmp_path)  # check_db comes first: the folder is never read
+    result = _run([{"TRAIN": train_file, "FOLDER": folder}.get(a, a) for a in args], env)
     assert result.exit_code == 3, result.output
     line = _one_line(result)
     assert line.startswith(f"error: database unreachable at 127.0.0.1:{port}")
