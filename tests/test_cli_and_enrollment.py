@@ -226,7 +226,8 @@ def test_ctrl_c_on_train_says_what_happens_to_the_round(embedded_settings, tmp_p
     ops.enroll(embedded_settings, "dora", write(tmp_path / "t.jsonl", GOOD))
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "train", "--all"],
-        env=settings_env(embedded_settings, {}),
+        # a stuck process dumps every thread's stack on SIGABRT (below)
+        env={**settings_env(embedded_settings, {}), "PYTHONFAULTHANDLER": "1"},
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -240,8 +241,12 @@ def test_ctrl_c_on_train_says_what_happens_to_the_round(embedded_settings, tmp_p
     try:  # seconds on an idle machine; generous for a loaded CI runner
         out, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+        proc.send_signal(signal.SIGABRT)  # where it is stuck, from faulthandler
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
         raise AssertionError(f"train did not exit on Ctrl-C: {out}\n{err}") from None
     assert "1 training requests sent" in seen, seen
     assert proc.returncode == 130, (out, err)
