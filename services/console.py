@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 Echo = Callable[[str], None]
@@ -59,3 +62,31 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def interrupt_between_steps() -> Iterator[Callable[[], None]]:
+    """Ctrl-C during a wait loop: the first press is noted and raised as KeyboardInterrupt
+    by the check this yields, which the loop calls between its steps. An interrupt raised
+    anywhere else (inside a broker or database library, while it holds a lock or closes a
+    connection) can leave a lock held and the process hung with nothing printed. A second
+    press raises at once. Outside the main thread (no signals there) the check is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    pressed: list[bool] = []
+
+    def note(signum: int, frame: Any) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    def check() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)

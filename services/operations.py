@@ -499,11 +499,12 @@ def wait_for(
 ) -> None:
     """Poll `check` (done, count) with a progress bar (on a terminal; else a line per step)
     until done or timeout."""
-    from services.console import Progress
+    from services.console import Progress, interrupt_between_steps
 
     deadline = time.monotonic() + timeout
-    with Progress(total, desc, show=show) as bar:
+    with Progress(total, desc, show=show) as bar, interrupt_between_steps() as interrupted:
         while True:
+            interrupted()  # Ctrl-C: raised here, between two looks
             done, count = check()
             bar.update_to(count)
             if done:

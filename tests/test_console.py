@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import time
+
+import pytest
 
 from services.console import Progress, table
 
@@ -40,3 +43,20 @@ def test_table_aligns_columns():
         "a     1",
         "bb",
     ]
+
+
+def test_ctrl_c_in_a_wait_is_raised_between_steps_and_a_second_press_at_once():
+    import os
+    import signal
+
+    from services.console import interrupt_between_steps
+
+    with interrupt_between_steps() as interrupted:
+        interrupted()  # nothing pressed yet
+        os.kill(os.getpid(), signal.SIGINT)  # noted, not raised inside whatever runs now
+        with pytest.raises(KeyboardInterrupt):
+            interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second press: at once
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
