@@ -15,6 +15,7 @@ from services import adapter_store as ads
 from services import operations as ops
 from services.cli import cli
 from services.db import session_scope
+from services.metrics_exporter import read_state
 from tests.test_aggregator_service import Harness, direction, mix
 
 
@@ -79,6 +80,11 @@ def test_a_removed_client_leaves_every_aggregate_and_its_reports_are_refused(har
     assert not set(_latest(h, a).sources["updates"]) & _ids(h, b)
     assert "b" not in {m for g in ops.groups(h.settings)["groups"] for m in g["clients"]}
     assert [r["client"] for r in ops.status(h.settings)["clients"]] == ["a", "c"]
+    with session_scope(h.db) as s:  # its metric series go away
+        scrape = read_state(s)
+    assert scrape["clients"] == 2
+    assert {name for name, _ in scrape["versions"]} == {"a", "c"}
+    assert "b" not in {name for name, _ in scrape["last_update"]}
     # no more training, evaluation or listing for it
     with pytest.raises(ops.OperationError, match="was removed"):
         ops.resolve_clients(h.settings, ["b"])
