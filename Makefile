@@ -49,7 +49,7 @@ bench-quality-shards: install
 		--out .fedvec/bench/quality-flan8-shards
 	$(call publish,quality-flan8-shards)
 
-# 12 label-skewed clients of the demo's news and tweet tasks, grouping on
+# 12 label-skewed clients of the demo's news and tweet tasks, grouping on (about 3 h; resumable)
 bench-quality-demo: install
 	$(BIN)/fedvec bench quality --dataset demo --clients 12 --rounds 3 \
 		--out .fedvec/bench/quality-demo
