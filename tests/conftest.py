@@ -125,6 +125,15 @@ def distributed_settings(tmp_path, postgres_url, s3_endpoint):
     return settings
 
 
+@pytest.fixture(params=["sqlite+local", "postgres+s3"])
+def backend_settings(request, embedded_settings):
+    """Each test that takes this runs twice: on the embedded backends and on PostgreSQL + a
+    real S3 server (one suite against both, so they cannot drift apart)."""
+    if request.param == "sqlite+local":
+        return embedded_settings
+    return request.getfixturevalue("distributed_settings")
+
+
 def service_settings(home, database_url: str, s3_endpoint: str, **overrides):
     """Settings of a deployment on this PostgreSQL database and S3 server, in a fresh bucket
     (no .env, no environment: only what the test says)."""

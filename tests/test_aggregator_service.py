@@ -176,13 +176,9 @@ class Harness:
             return s.scalar(select(func.count()).select_from(model))
 
 
-@pytest.fixture(params=["sqlite+local", "postgres+s3"])
-def harness(request, embedded_settings):
-    if request.param == "sqlite+local":
-        settings = embedded_settings
-    else:
-        settings = request.getfixturevalue("distributed_settings")
-    return Harness(settings.replace(strategy="fedbip", group_threshold=0.2))
+@pytest.fixture
+def harness(backend_settings):
+    return Harness(backend_settings.replace(strategy="fedbip", group_threshold=0.2))
 
 
 def test_synchronous_round_personalizes_within_groups(harness):

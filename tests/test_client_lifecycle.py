@@ -19,13 +19,9 @@ from services.metrics_exporter import read_state
 from tests.test_aggregator_service import Harness, direction, mix
 
 
-@pytest.fixture(params=["sqlite+local", "postgres+s3"])
-def harness(request, embedded_settings):
-    if request.param == "sqlite+local":
-        settings = embedded_settings
-    else:
-        settings = request.getfixturevalue("distributed_settings")
-    return Harness(settings.replace(strategy="fedbip", group_threshold=0.2))
+@pytest.fixture
+def harness(backend_settings):
+    return Harness(backend_settings.replace(strategy="fedbip", group_threshold=0.2))
 
 
 def _client(h: Harness, client_id: int):

@@ -40,11 +40,9 @@ def later(hours: float = 2.0):
     return lambda: datetime.now(UTC) + timedelta(hours=hours)
 
 
-@pytest.fixture(params=["sqlite+local", "postgres+s3"])
-def settings(request, embedded_settings):
-    if request.param == "sqlite+local":
-        return embedded_settings
-    return request.getfixturevalue("distributed_settings")
+@pytest.fixture
+def settings(backend_settings):
+    return backend_settings
 
 
 class World:
