@@ -87,6 +87,47 @@ def relative_threshold(sim: torch.Tensor, z: float) -> float:
     return median + z * 1.4826 * mad
 
 
+# A newcomer joins a group only if the group's affinity stands out of the other peers' by
+# this many robust standard deviations: the usual outlier rule (3 MADs), fixed, not fitted.
+NEWCOMER_STANDOUT = 3.0
+# fewer peers outside the best group than this: no spread to measure
+NEWCOMER_MIN_OTHERS = 3
+
+
+def newcomer_group(
+    affinity: dict[int, float], groups: dict[int, int], standout: float = NEWCOMER_STANDOUT
+) -> int | None:
+    """The group a newcomer joins, from its affinity with each peer that has a model (peer
+    -> cosine of the newcomer's update with how far the peer's model has moved from the
+    initial adapter) and the peers' group labels; None when no group stands out.
+
+    Why not the similarity index: a newcomer's update starts from the initial adapter, its
+    peers' latest updates from their trained models, and in the benchmarks the cosine
+    between the two was noise (0.01-0.05 for same-task and other-task peers alike) while
+    the cosine with the peers' displacement from the initial adapter told the tasks apart
+    (0.44-0.48 against 0.01-0.05). The best group (highest mean affinity) is taken when its
+    mean is positive and above median + standout * 1.4826 * MAD of the other peers'
+    affinities (with fewer than NEWCOMER_MIN_OTHERS of them: above each)."""
+    peers = [k for k in affinity if k in groups]
+    if not peers:
+        return None
+    by_group: dict[int, list[float]] = {}
+    for k in peers:
+        by_group.setdefault(groups[k], []).append(float(affinity[k]))
+    best = max(sorted(by_group), key=lambda g: sum(by_group[g]) / len(by_group[g]))
+    mean = sum(by_group[best]) / len(by_group[best])
+    others = torch.tensor(
+        [float(affinity[k]) for k in peers if groups[k] != best], dtype=torch.float64
+    )
+    if not math.isfinite(mean) or mean <= 0:
+        return None
+    if others.numel() < NEWCOMER_MIN_OTHERS:  # too few to measure a spread: above them all
+        return best if others.numel() == 0 or mean > float(others.max()) else None
+    median = float(others.median())
+    mad = float((others - median).abs().median())
+    return best if mean > median + standout * 1.4826 * mad else None
+
+
 def adjusted_rand_index(a: list, b: list) -> float:
     """Adjusted Rand index of two labellings of the same items (Hubert and Arabie): 1 when
     they agree up to renaming, about 0 for unrelated ones. 1.0 when both put every item in

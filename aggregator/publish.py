@@ -14,7 +14,12 @@ from sqlalchemy.orm import Session
 
 from aggregator import records
 from aggregator.loader import Loaded, UpdateLoader
-from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices, smoothed_similarity
+from aggregator.similarity import (
+    cosine,
+    cosine_matrix,
+    layerwise_cosine_matrices,
+    smoothed_similarity,
+)
 from aggregator.strategies import Contribution, Plan, Strategy
 from aggregator.task_vectors import StateDict, check_state_dict, flatten
 from schema.models import (
@@ -166,22 +171,31 @@ class Publisher:
         loaded: list[Loaded],
         current: Current,
     ) -> tuple[StateDict, dict[int, float]] | None:
-        """A client with no personalized adapter yet, whose group has clients that have one:
-        the strategy's first θ̄ for it from their current θ̄ (None: the usual rule). Only
-        the models it weighs are read, and only for a newcomer."""
-        with_model = {
+        """A client with no personalized adapter yet, when peers have one: the strategy's
+        first θ̄ for it from their current θ̄ (None: the usual rule). Its affinity with each
+        such peer is the cosine of its update with the peer's θ̄ minus the initial adapter
+        (read one at a time; only for a newcomer, and only the chosen models are kept)."""
+        if not self.strategy.places_newcomers:
+            return None
+        with_model = [
             i for i, x in enumerate(loaded) if i != mine and x.update.client_id in current
-        }
-        weights = self.strategy.cold_start_weights(mine, plan, with_model)
+        ]
+        if not with_model:
+            return None
+        initial = flatten(self.loader.personalized(0, 0))
+        mine_vector = flatten(contributions[mine].task_vector)
+        affinity: dict[int, float] = {}
+        for i in with_model:
+            model = self._current_model(loaded[i], current)
+            affinity[i] = cosine(mine_vector, flatten(model) - initial)
+        weights = self.strategy.cold_start_weights(mine, plan, affinity)
         if not weights:
             return None
-        models = {
-            i: self.loader.personalized(
-                loaded[i].update.client_id, current[loaded[i].update.client_id][0]
-            )
-            for i in weights
-        }
+        models = {i: self._current_model(loaded[i], current) for i in weights}
         return self.strategy.cold_start(mine, contributions, weights, models), weights
+
+    def _current_model(self, x: Loaded, current: Current) -> StateDict:
+        return self.loader.personalized(x.update.client_id, current[x.update.client_id][0])
 
     # --- the transaction ----------------------------------------------------------------
     def commit(

@@ -20,7 +20,7 @@ from aggregator.aggregation import (
     staleness_discount,
     uniform_weights,
 )
-from aggregator.grouping import relative_threshold, threshold_groups
+from aggregator.grouping import newcomer_group, relative_threshold, threshold_groups
 from aggregator.similarity import cosine_matrix, layerwise_cosine_matrices
 from aggregator.task_vectors import (
     InvalidTaskVector,
@@ -138,12 +138,18 @@ class Strategy(abc.ABC):
             raise InvalidTaskVector(f"base of target client: {e}") from e
         return self._personalize(target, base, contributions, plan)
 
+    # whether cold_start_weights can say yes: the aggregator then measures a newcomer's
+    # affinity with its peers (it reads their models), else it does not
+    places_newcomers: ClassVar[bool] = False
+
     def cold_start_weights(
-        self, target: int, plan: Plan, with_model: set[int]
+        self, target: int, plan: Plan, affinity: dict[int, float]
     ) -> dict[int, float] | None:
         """When contributions[target] joins after others trained: the weights of the peers'
-        current θ̄ it starts from (normalized; only peers in `with_model`, those that have a
-        personalized adapter). None: no cold start, the usual rule (`personalize`) applies.
+        current θ̄ it starts from (normalized). `affinity`: for each peer that has a
+        personalized adapter, the cosine of the newcomer's update with that adapter's move
+        from the initial one (grouping.newcomer_group). None: no cold start, the usual rule
+        (`personalize`) applies.
 
         Why: the usual rule gives a newcomer the initial adapter plus one round of its
         peers' task vectors, small steps each taken from the peer's own base, so it
@@ -171,16 +177,6 @@ class Strategy(abc.ABC):
         kept = {k: w for k, w in sorted(weights.items()) if w > 0}
         total = sum(kept.values())
         return {k: w / total for k, w in kept.items()} if kept and total > 0 else None
-
-    def _group_weights(
-        self, target: int, plan: Plan, with_model: set[int], *, uniform: bool
-    ) -> dict[int, float] | None:
-        """The newcomer's group members that have a model, weighted by their similarity to it
-        (clipped at 0) or uniformly."""
-        members = [k for k in self._group_of(target, plan) if k != target and k in with_model]
-        return self._normalized(
-            {k: 1.0 if uniform else max(float(plan.similarity[target, k]), 0.0) for k in members}
-        )
 
     def _discounts(self, contributions: Sequence[Contribution]) -> torch.Tensor:
         return torch.tensor(
@@ -228,9 +224,11 @@ class FedAvg(Strategy):
         weights = size_weights([c.num_examples for c in contributions])
         return add_scaled(base, [c.task_vector for c in contributions], weights.tolist())
 
-    def cold_start_weights(self, target, plan, with_model):
+    places_newcomers = True
+
+    def cold_start_weights(self, target, plan, affinity):
         # a newcomer to FedAvg downloads the global model (all clients' models agree)
-        return self._normalized({k: 1.0 for k in with_model if k != target})
+        return self._normalized({k: 1.0 for k in affinity if k != target})
 
 
 class FedAMPRaw(Strategy):
@@ -266,8 +264,20 @@ class Grouped(Strategy):
     def plan(self, contributions, similarity=None) -> Plan:
         return self._grouped_plan(contributions, similarity)
 
-    def cold_start_weights(self, target, plan, with_model):
-        return self._group_weights(target, plan, with_model, uniform=self.uniform_cold_start)
+    places_newcomers = True
+
+    def cold_start_weights(self, target, plan, affinity):
+        """The peers' group that the newcomer's affinity picks (not the plan's group of the
+        newcomer itself: see grouping.newcomer_group), weighted by affinity clipped at 0, or
+        uniformly."""
+        peer_groups = {k: plan.groups[k] for k in affinity if k != target}
+        label = newcomer_group(affinity, peer_groups)
+        if label is None:
+            return None
+        members = [k for k, g in sorted(peer_groups.items()) if g == label]
+        return self._normalized(
+            {k: 1.0 if self.uniform_cold_start else max(float(affinity[k]), 0.0) for k in members}
+        )
 
 
 class FedBip(Grouped):

@@ -874,6 +874,36 @@ def test_a_late_client_starts_from_its_groups_current_models(harness):
     assert dist(theta, b1) > dist(theta, a1)
 
 
+def test_a_late_client_is_placed_by_where_its_peers_models_went(harness):
+    """A newcomer's update starts from the initial adapter, its peers' latest ones from
+    their trained models: the two need not point alike even within a task (the benchmarks
+    measured cosines of 0.01-0.05). Here each task's later updates are unrelated to its
+    first ones, so the similarity index leaves the newcomer alone; its affinity with how
+    far each peer's model moved from the initial adapter still finds its task."""
+    tasks = [direction(1), direction(2), direction(3)]
+    ids = [harness.client(f"t{t}-{i}") for t in range(3) for i in range(2)]
+    for r in range(3):
+        rid = harness.round(ids)
+        for j, c in enumerate(ids):
+            t, i = divmod(j, 2)
+            first = tasks[t] if r == 0 else direction(100 + 10 * r + t)  # later: other moves
+            tau = mix(first, direction(200 + 10 * r + j), 1, 0.3)
+            harness.agg.handle(harness.update(c, tau, rid).to_dict())
+    late = harness.client("t0-late")
+    tau_late = mix(tasks[0], direction(300), 1, 0.3)
+    harness.agg.handle(harness.update(late, tau_late, harness.round([late])).to_dict())
+    with session_scope(harness.db) as s:
+        row = s.scalars(
+            select(PersonalizedAdapter).where(PersonalizedAdapter.client_id == late)
+        ).one()
+        index = {
+            e.peer_id: e.update_cosine
+            for e in s.scalars(select(SimilarityEdge).where(SimilarityEdge.client_id == late))
+        }
+    assert max(abs(v) for v in index.values()) < 0.2  # the index sees nothing
+    assert set(row.sources["cold_start"]) == {str(ids[0]), str(ids[1])}
+
+
 def test_local_gives_a_late_client_only_its_own_update(embedded_settings):
     h = Harness(embedded_settings.replace(strategy="local"))
     ids = [h.client(n) for n in ("a1", "a2")]

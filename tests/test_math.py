@@ -13,7 +13,12 @@ from aggregator.aggregation import (
     staleness_discount,
     uniform_weights,
 )
-from aggregator.grouping import adjusted_rand_index, relative_threshold, threshold_groups
+from aggregator.grouping import (
+    adjusted_rand_index,
+    newcomer_group,
+    relative_threshold,
+    threshold_groups,
+)
 from aggregator.similarity import cosine, cosine_matrix, layerwise_cosine_matrices
 from aggregator.task_vectors import (
     InvalidTaskVector,
@@ -376,6 +381,33 @@ def test_relative_threshold_follows_the_observed_spread():
     assert relative_threshold(torch.ones((1, 1)), 2.0) == math.inf
     with pytest.raises(ValueError, match="finite"):
         relative_threshold(sim, math.nan)
+
+
+def test_a_newcomer_joins_the_group_whose_affinity_stands_out():
+    # the demo's measured row: 6 same-task peers (one group) at 0.44-0.48, 6 others in
+    # four groups at 0.01-0.05
+    affinity = dict(enumerate([0.476, 0.442, 0.483, 0.446, 0.460, 0.457]))
+    affinity.update({6: 0.026, 7: 0.050, 8: 0.014, 9: 0.019, 10: 0.019, 11: 0.050})
+    groups = {k: 0 for k in range(6)} | {6: 1, 7: 2, 8: 3, 9: 4, 10: 4, 11: 2}
+    assert newcomer_group(affinity, groups) == 0
+    # the same peers split in two groups: the better one, its rivals counted as "others"
+    # (robust statistics: two high values among eight do not hide it)
+    split = groups | {3: 5, 4: 5, 5: 5}
+    assert newcomer_group(affinity, split) in (0, 5)
+    # a newcomer of a task no one has: noise everywhere, nothing stands out
+    gen = torch.Generator().manual_seed(1)
+    noise = (0.03 + 0.01 * torch.randn(12, generator=gen, dtype=torch.float64)).tolist()
+    assert newcomer_group(dict(enumerate(noise)), groups) is None
+    # never a group it points away from, never an empty or NaN one
+    assert newcomer_group({0: -0.3, 1: -0.5, 2: -0.4, 3: -0.6}, {0: 0, 1: 1, 2: 2, 3: 3}) is None
+    assert newcomer_group({}, {}) is None
+    assert newcomer_group({0: math.nan, 1: 0.1}, {0: 0, 1: 0}) is None
+    # too few others to measure a spread: the best group must beat each of them
+    assert newcomer_group({0: 0.4}, {0: 0}) == 0
+    assert newcomer_group({0: 0.4, 1: 0.1, 2: 0.05}, {0: 0, 1: 1, 2: 2}) == 0
+    assert newcomer_group({0: 0.4, 1: 0.1, 2: 0.45}, {0: 0, 1: 0, 2: 1}) == 1
+    # peers without a group label are not counted
+    assert newcomer_group({0: 0.4, 9: 0.9}, {0: 0}) == 0
 
 
 def test_adjusted_rand_index_by_hand():

@@ -334,33 +334,35 @@ def test_cold_start_takes_the_groups_current_models(planted):
     fedbip = get_strategy("fedbip", group_threshold=0.2)
     plan = fedbip.plan(contribs)
     assert plan.groups == [0, 0, 1, 1]
-    # client 1 is new: of its group, only client 0 has a model
-    assert fedbip.cold_start_weights(1, plan, {0, 2, 3}) == {0: 1.0}
+    # client 1 is new; its affinity (cosine of its update with each model's move from the
+    # initial adapter) points at client 0's group, the only one of that group with a model
+    assert fedbip.cold_start_weights(1, plan, {0: 0.5, 2: 0.01, 3: 0.02}) == {0: 1.0}
     # its first θ̄: client 0's model plus its own update, whole
     out = fedbip.cold_start(1, contribs, {0: 1.0}, {0: models[0]})
     assert_sd_close(out, add_scaled(models[0], [contribs[1].task_vector], [1.0]))
-    # similarity weights over the group, clipped at 0 and normalized
-    three = Plan(
-        similarity=torch.tensor(
-            [[1, 0.3, 0.1, -0.2], [0.3, 1, 0, 0], [0.1, 0, 1, 0], [-0.2, 0, 0, 1]],
-            dtype=torch.float64,
-        ),
-        groups=[0, 0, 0, 0],
+    # the group is the peers' group its affinity picks, not the plan's group of the
+    # newcomer: here the plan put client 1 with client 0, its affinity says 2 and 3
+    assert fedbip.cold_start_weights(1, plan, {0: 0.01, 2: 0.3, 3: 0.1}) == pytest.approx(
+        {2: 0.75, 3: 0.25}
     )
-    assert fedbip.cold_start_weights(0, three, {1, 2, 3}) == pytest.approx({1: 0.75, 2: 0.25})
-    # clustered: uniform over the group; fedavg: every client's model (the global one)
-    assert get_strategy("clustered").cold_start_weights(0, three, {1, 2, 3}) == pytest.approx(
+    # weights: affinity clipped at 0 and normalized; clustered: uniform over the group;
+    # fedavg: every client's model (the global one)
+    one = Plan(similarity=torch.eye(6, dtype=torch.float64), groups=[0, 0, 0, 0, 1, 2])
+    near = {1: 0.3, 2: 0.1, 3: -0.2, 4: 0.0, 5: 0.01}
+    assert fedbip.cold_start_weights(0, one, near | {3: 0.3}) == pytest.approx(
+        {1: 0.3 / 0.7, 2: 0.1 / 0.7, 3: 0.3 / 0.7}
+    )
+    assert get_strategy("clustered").cold_start_weights(0, one, near | {3: 0.3}) == pytest.approx(
         {1: 1 / 3, 2: 1 / 3, 3: 1 / 3}
     )
-    assert get_strategy("fedavg").cold_start_weights(3, plan, {0, 1, 2}) == pytest.approx(
-        {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}
+    assert get_strategy("fedavg").cold_start_weights(3, plan, {0: 0, 1: 0, 2: 0}) == (
+        pytest.approx({0: 1 / 3, 1: 1 / 3, 2: 1 / 3})
     )
-    # no collaboration, or no similar peer with a model: the usual rule
-    assert get_strategy("local").cold_start_weights(1, plan, {0, 2, 3}) is None
-    assert get_strategy("fedamp_raw").cold_start_weights(1, plan, {0, 2, 3}) is None
-    assert fedbip.cold_start_weights(1, plan, {2, 3}) is None
-    opposed = torch.full((4, 4), -0.5, dtype=torch.float64).fill_diagonal_(1.0)
-    anti = Plan(similarity=opposed, groups=[0, 0, 0, 0])
-    assert fedbip.cold_start_weights(1, anti, {0, 2, 3}) is None
+    # no collaboration, or no group it points to: the usual rule
+    assert not get_strategy("local").places_newcomers
+    assert not get_strategy("fedamp_raw").places_newcomers
+    assert get_strategy("local").cold_start_weights(1, plan, {0: 0.5}) is None
+    assert fedbip.cold_start_weights(1, plan, {}) is None
+    assert fedbip.cold_start_weights(1, plan, {0: -0.5, 2: -0.5, 3: -0.4}) is None
     with pytest.raises(ValueError, match="sum to 1"):
         fedbip.cold_start(1, contribs, {0: 0.5}, {0: models[0]})
