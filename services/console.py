@@ -70,8 +70,13 @@ def interrupt_between_steps() -> Iterator[Callable[[], None]]:
     by the check this yields, which the loop calls between its steps. An interrupt raised
     anywhere else (inside a broker or database library, while it holds a lock or closes a
     connection) can leave a lock held and the process hung with nothing printed. A second
-    press raises at once. Outside the main thread (no signals there) the check is a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    press raises at once. Outside the main thread (no signals there), or where SIGINT is
+    ignored (started with nohup or in the background: it was not meant to stop), the check
+    is a no-op."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
         yield lambda: None
         return
     pressed: list[bool] = []

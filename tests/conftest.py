@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 
 from services.object_store import LocalFolderStore, S3Store
 from services.s3_server import start_s3_server
+
+# A suite started in the background inherits SIGINT ignored, and so would the CLI processes
+# its tests start and send Ctrl-C to (an ignored signal stays ignored across exec; a
+# handled one is default again): handled here, those processes see Ctrl-C as a user would.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 S3_ACCESS_KEY = "testing"
 S3_SECRET_KEY = "testing"

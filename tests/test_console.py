@@ -46,10 +46,27 @@ def test_table_aligns_columns():
 
 
 def test_ctrl_c_in_a_wait_is_raised_between_steps_and_a_second_press_at_once():
-    import os
     import signal
 
     from services.console import interrupt_between_steps
+
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the suite runs in background
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _press_twice(interrupt_between_steps)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        # a process that ignores SIGINT (nohup, background) keeps ignoring it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with interrupt_between_steps() as interrupted:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            interrupted()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _press_twice(interrupt_between_steps) -> None:
+    import os
+    import signal
 
     with interrupt_between_steps() as interrupted:
         interrupted()  # nothing pressed yet
@@ -59,4 +76,3 @@ def test_ctrl_c_in_a_wait_is_raised_between_steps_and_a_second_press_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # the second press: at once
             time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
