@@ -173,8 +173,9 @@ class Publisher:
     ) -> tuple[StateDict, dict[int, float]] | None:
         """A client with no personalized adapter yet, when peers have one: the strategy's
         first θ̄ for it from their current θ̄ (None: the usual rule). Its affinity with each
-        such peer is the cosine of its update with the peer's θ̄ minus the initial adapter
-        (read one at a time; only for a newcomer, and only the chosen models are kept)."""
+        such peer is the cosine of its update with the peer's θ̄ minus the initial adapter.
+        Each model is read once, only for a newcomer: as many as the task vectors and
+        trained parameters `loaded` already holds."""
         if not self.strategy.places_newcomers:
             return None
         with_model = [
@@ -184,18 +185,17 @@ class Publisher:
             return None
         initial = flatten(self.loader.personalized(0, 0))
         mine_vector = flatten(contributions[mine].task_vector)
-        affinity: dict[int, float] = {}
-        for i in with_model:
-            model = self._current_model(loaded[i], current)
-            affinity[i] = cosine(mine_vector, flatten(model) - initial)
+        models = {
+            i: self.loader.personalized(
+                loaded[i].update.client_id, current[loaded[i].update.client_id][0]
+            )
+            for i in with_model
+        }
+        affinity = {i: cosine(mine_vector, flatten(m) - initial) for i, m in models.items()}
         weights = self.strategy.cold_start_weights(mine, plan, affinity)
         if not weights:
             return None
-        models = {i: self._current_model(loaded[i], current) for i in weights}
         return self.strategy.cold_start(mine, contributions, weights, models), weights
-
-    def _current_model(self, x: Loaded, current: Current) -> StateDict:
-        return self.loader.personalized(x.update.client_id, current[x.update.client_id][0])
 
     # --- the transaction ----------------------------------------------------------------
     def commit(
